@@ -1,0 +1,81 @@
+"""Small blocking JSON-over-HTTP client for tests that talk to node APIs.
+
+`api_get` and `api_post` return an ApiResponse that unpacks as (status, body, headers).
+HTTP error statuses are returned, not raised, so tests can assert on 4xx/5xx replies.
+The body is the parsed JSON, or the text when the reply is not JSON.
+"""
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Mapping, NamedTuple
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+# Daemon flags for tests: no authentication, and intervals short enough that republish,
+# sweeps, join retries and routing refreshes happen within a test's time.
+FAST_DAEMON_ARGS = (
+    "--dev",
+    "--republish-interval-seconds", "2",
+    "--rpc-timeout-seconds", "1",
+    "--sweep-interval-seconds", "1",
+    "--join-retry-seconds", "1",
+    "--refresh-interval-seconds", "5",
+)
+
+
+class ApiResponse(NamedTuple):
+    """Status code, parsed body and headers of one API reply."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+
+
+def build_url(base_url: str, path: str, params: Mapping[str, Any] | None = None) -> str:
+    """Join a base URL, a path and query parameters (None values are left out)."""
+    url = base_url.rstrip("/") + "/" + path.lstrip("/")
+    query = {name: value for name, value in (params or {}).items() if value is not None}
+    if query:
+        url += "?" + urllib.parse.urlencode(query, doseq=True)
+    return url
+
+
+def api_request(
+    method: str,
+    base_url: str,
+    path: str,
+    body: Any = None,
+    params: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> ApiResponse:
+    """Send one request; a non-None `body` is sent as JSON."""
+    data = None
+    request_headers = {"Accept": "application/json", **(headers or {})}
+    if body is not None:
+        data = json.dumps(body).encode("utf-8")
+        request_headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(build_url(base_url, path, params), data=data, headers=request_headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw, reply_headers = response.status, response.read(), response.headers
+    except urllib.error.HTTPError as exc:
+        status, raw, reply_headers = exc.code, exc.read(), exc.headers
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = text
+    # The headers stay an http.client.HTTPMessage, whose lookups ignore case.
+    return ApiResponse(status, parsed, reply_headers)
+
+
+def api_get(base_url: str, path: str, *, headers: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS, **params: Any) -> ApiResponse:
+    """GET `path` with `params` as the query string."""
+    return api_request("GET", base_url, path, params=params, headers=headers, timeout=timeout)
+
+
+def api_post(base_url: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> ApiResponse:
+    """POST `body` as JSON to `path`."""
+    return api_request("POST", base_url, path, body=body, headers=headers, timeout=timeout)

@@ -1,0 +1,118 @@
+"""Unit tests of voxanode.logs: line format, node id, levels of library loggers."""
+
+import logging
+import re
+
+import pytest
+
+from voxanode.logs import configure_logging, set_node_id
+
+TIMESTAMP_PATTERN = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+WATCHED_LOGGERS = ("kademlia", "rpcudp", "aiohttp.access")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Put back the root handlers and every level that configure_logging changes."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root_level = root.level
+    levels = {name: logging.getLogger(name).level for name in WATCHED_LOGGERS}
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(root_level)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    set_node_id(None)
+
+
+def expected_line(level: str, name: str, node: str, message: str) -> re.Pattern:
+    fields = [level, name, "node=" + node, message]
+    return re.compile(TIMESTAMP_PATTERN + " " + " ".join(re.escape(text) for text in fields))
+
+
+def test_configure_logging_line_format(capsys):
+    configure_logging("info")
+
+    logging.getLogger("voxanode.test").info("stored key=%s size=%d", "ab12", 5)
+
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    expected = expected_line("INFO", "voxanode.test", "-", "stored key=ab12 size=5")
+    assert expected.fullmatch(lines[0])
+
+
+def test_set_node_id_tags_later_lines(capsys):
+    configure_logging("INFO")
+    set_node_id("node-1a2b3c4d5e6f")
+
+    logging.getLogger("voxanode.test").warning("peer suspect")
+
+    line = capsys.readouterr().err.splitlines()[0]
+    expected = expected_line("WARNING", "voxanode.test", "node-1a2b3c4d5e6f", "peer suspect")
+    assert expected.fullmatch(line)
+
+
+def test_configure_logging_takes_node_id(capsys):
+    configure_logging("DEBUG", node_id="node-000000000001")
+
+    logging.getLogger("voxanode.test").debug("tick")
+
+    assert "node=node-000000000001 tick" in capsys.readouterr().err
+
+
+def test_record_node_id_wins_over_process_node_id(capsys):
+    configure_logging("INFO", node_id="node-aaaaaaaaaaaa")
+
+    logging.getLogger("voxanode.test").info("other", extra={"node_id": "node-bbbbbbbbbbbb"})
+
+    assert "node=node-bbbbbbbbbbbb other" in capsys.readouterr().err
+
+
+def test_configure_logging_level_filters(capsys):
+    configure_logging("warning")
+
+    logging.getLogger("voxanode.test").info("hidden")
+    logging.getLogger("voxanode.test").error("shown")
+
+    output = capsys.readouterr().err
+    assert "hidden" not in output
+    assert "shown" in output
+
+
+def test_configure_logging_twice_writes_each_line_once(capsys):
+    configure_logging("INFO")
+    configure_logging("INFO")
+
+    logging.getLogger("voxanode.test").info("once")
+
+    assert capsys.readouterr().err.count("once") == 1
+
+
+@pytest.mark.parametrize(
+    ("level", "library_level"),
+    [("DEBUG", logging.NOTSET), ("INFO", logging.WARNING), ("ERROR", logging.WARNING)],
+)
+def test_configure_logging_quiets_libraries(level, library_level):
+    configure_logging(level)
+
+    assert logging.getLogger("kademlia").level == library_level
+    assert logging.getLogger("rpcudp").level == library_level
+    assert logging.getLogger("aiohttp.access").level == logging.WARNING
+
+
+def test_library_info_hidden_unless_debug(capsys):
+    configure_logging("INFO")
+    logging.getLogger("kademlia.network").info("per-rpc chatter")
+    assert "per-rpc chatter" not in capsys.readouterr().err
+
+    configure_logging("DEBUG")
+    logging.getLogger("kademlia.network").info("per-rpc chatter")
+    assert "per-rpc chatter" in capsys.readouterr().err
+
+
+def test_configure_logging_rejects_unknown_level():
+    with pytest.raises(ValueError, match="log level must be one of DEBUG, INFO, WARNING, ERROR"):
+        configure_logging("verbose")

@@ -1,0 +1,80 @@
+"""The SQLite record store: newest wins, expiry, persistence."""
+
+import sqlite3
+
+import pytest
+
+from voxanode.dht.records import sign_record
+from voxanode.dht.store import RecordStore, StoreError
+from voxanode.identity import Identity
+
+LIMITS = dict(max_value_bytes=65536, max_key_bytes=512, max_replicas=20)
+
+
+@pytest.fixture
+def store(tmp_path):
+    records = RecordStore(tmp_path / "records.sqlite3", **LIMITS)
+    records.open()
+    yield records
+    records.close()
+
+
+def test_store_keeps_newest_version(store):
+    identity = Identity.generate()
+    old = sign_record(identity, "k", b"1", 60, 3, created_ms=1000)
+    new = sign_record(identity, "k", b"2", 60, 3, created_ms=2000)
+    assert store.put(new, new.encode(), now_ms=1500)
+    assert not store.put(old, old.encode(), now_ms=1500)
+    assert store.get(new.dht_key, now_ms=1500).record.value_json == b"2"
+    assert store.version_of(new.dht_key, now_ms=1500) == new.version
+
+
+def test_store_hides_and_sweeps_expired(store):
+    identity = Identity.generate()
+    record = sign_record(identity, "k", b"1", 1, 3, created_ms=1000)
+    store.put(record, record.encode(), now_ms=1000)
+    assert store.get(record.dht_key, now_ms=1999) is not None
+    assert store.get(record.dht_key, now_ms=2000) is None
+    assert store.count(now_ms=2000) == 0
+    assert store.delete_expired(now_ms=2000) == 1
+    assert store.delete_expired(now_ms=2000) == 0
+
+
+def test_store_replaces_expired_row_with_older_version(store):
+    identity = Identity.generate()
+    newer = sign_record(identity, "k", b"1", 1, 3, created_ms=5000)
+    older = sign_record(identity, "k", b"2", 60, 3, created_ms=4000)
+    store.put(newer, newer.encode(), now_ms=5000)
+    assert store.put(older, older.encode(), now_ms=7000)
+
+
+def test_store_survives_reopen(tmp_path):
+    identity = Identity.generate()
+    record = sign_record(identity, "k", b"[1,2]", 60, 3)
+    path = tmp_path / "records.sqlite3"
+    first = RecordStore(path, **LIMITS)
+    first.open()
+    first.put(record, record.encode(), now_ms=record.created_ms)
+    first.close()
+    second = RecordStore(path, **LIMITS)
+    second.open()
+    assert second.get(record.dht_key, now_ms=record.created_ms).record == record
+    assert [s.record for s in second.iter_live(record.created_ms)] == [record]
+    second.close()
+
+
+def test_store_rejects_unknown_schema_version(tmp_path):
+    path = tmp_path / "records.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        RecordStore(path, **LIMITS).open()
+
+
+def test_store_iterates_in_batches(store):
+    identity = Identity.generate()
+    records = [sign_record(identity, f"k{i}", b"1", 60, 3, created_ms=1000) for i in range(25)]
+    for record in records:
+        store.put(record, record.encode(), now_ms=1000)
+    seen = [s.record.key for s in store.iter_live(1000, batch_size=4)]
+    assert sorted(seen) == sorted(r.key for r in records)

@@ -1,0 +1,8 @@
+"""Run the daemon with `python -m voxanode`, the same as the `voxanode` command."""
+
+import sys
+
+from voxanode.daemon import main
+
+if __name__ == "__main__":
+    sys.exit(main())

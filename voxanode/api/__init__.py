@@ -1,0 +1,1 @@
+"""The node's public REST API: app factory, middlewares, schemas and route groups."""

@@ -1,0 +1,149 @@
+"""The data routes: `POST /data/store/` and `GET /data/retrieve/?key=`.
+
+A store that reaches fewer nodes than requested still succeeds. Its reply carries
+`warnings` with the per-node errors, or says that no other nodes were found. A store
+that no node acknowledged is a 503.
+"""
+
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+from voxanode.api.errors import ApiError, ErrorCode, invalid_field
+from voxanode.api.json_body import read_json_object
+from voxanode.api.keys import NODE_KEY, request_id_of
+from voxanode.api.routes import add_get, add_post
+from voxanode.api.schemas import encode_store_value, key_issue, parse_store_request
+from voxanode.api.timestamps import isoformat_utc
+from voxanode.dht.records import dht_key_for
+from voxanode.dht.service import NoHoldersError, StoreResult
+
+STORE_PATH = "/data/store/"
+RETRIEVE_PATH = "/data/retrieve/"
+KEY_HASH_LOG_HEX_DIGITS = 12
+
+logger = logging.getLogger(__name__)
+
+
+def add_routes(app: web.Application) -> None:
+    add_post(app, STORE_PATH, store_data)
+    add_get(app, RETRIEVE_PATH, retrieve_data)
+
+
+async def store_data(request: web.Request) -> web.Response:
+    """Validate the body, store the value on `replicas` nodes and report the holders."""
+    node = request.app[NODE_KEY]
+    settings = node.settings
+
+    body = await read_json_object(request)
+    store_request = parse_store_request(body, settings)
+    value_json = encode_store_value(store_request.value, settings.max_value_bytes)
+
+    try:
+        result = await node.data.store(
+            store_request.key,
+            value_json,
+            ttl_seconds=store_request.ttl,
+            replicas=store_request.replicas,
+        )
+    except NoHoldersError as error:
+        logger.warning(
+            "store failed on every node request_id=%s key=%s requested=%d errors=%d",
+            request_id_of(request),
+            _key_hash(store_request.key),
+            store_request.replicas,
+            len(error.errors),
+        )
+        raise ApiError(
+            503,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "no node stored the value. Retry when peers are reachable",
+            {
+                "requested": store_request.replicas,
+                "stored": 0,
+                "errors": list(error.errors),
+            },
+        ) from error
+
+    return web.json_response(_store_reply(result))
+
+
+async def retrieve_data(request: web.Request) -> web.Response:
+    """Return the newest unexpired value of `key` with its record metadata."""
+    node = request.app[NODE_KEY]
+    key = _query_key(request, node.settings.max_key_bytes)
+
+    result = await node.data.retrieve(key)
+    if result is None:
+        raise ApiError(
+            404,
+            ErrorCode.RESOURCE_NOT_FOUND,
+            "no value is stored under this key, or it has expired",
+            {"key": key},
+        )
+
+    record = result.record
+    return web.json_response(
+        {
+            "success": True,
+            "key": record.key,
+            "value": record.value,
+            "metadata": {
+                "created_at": isoformat_utc(milliseconds=record.created_ms),
+                "expires_at": isoformat_utc(milliseconds=record.expires_ms),
+                "replicas": record.replicas,
+                "source_node": record.publisher_node_id,
+                "holders": list(result.holders),
+            },
+        }
+    )
+
+
+def _store_reply(result: StoreResult) -> dict[str, Any]:
+    holders = list(result.holders)
+    reply: dict[str, Any] = {
+        "success": True,
+        "key": result.key,
+        "storage_nodes": holders,
+        "expires_at": isoformat_utc(milliseconds=result.expires_ms),
+        "replicas": {"requested": result.requested, "stored": len(holders)},
+    }
+    # The data service logs partial stores, so this only reports them to the client.
+    if len(holders) < result.requested:
+        warning = f"stored on {len(holders)} of {result.requested} requested nodes"
+        if result.errors:
+            warning += ": " + "; ".join(result.errors)
+        else:
+            # The data service reports no errors when it ran out of nodes to try.
+            warning += ": no other nodes were found to hold a copy"
+        reply["warnings"] = [warning]
+    return reply
+
+
+def _query_key(request: web.Request, max_key_bytes: int) -> str:
+    # The raw query is decoded here because request.query replaces invalid UTF-8
+    # escapes such as %ff with U+FFFD, which would look up a different key.
+    try:
+        parameters = parse_qs(
+            request.rel_url.raw_query_string, keep_blank_values=True, errors="strict"
+        )
+    except UnicodeDecodeError as error:
+        raise invalid_field(
+            "key", "must be percent-encoded UTF-8 in the query string"
+        ) from error
+    keys = parameters.get("key", [])
+    if not keys:
+        raise invalid_field("key", "is required as a query parameter")
+    if len(keys) > 1:
+        raise invalid_field("key", "must be given once")
+    issue = key_issue(keys[0], max_key_bytes)
+    if issue is not None:
+        raise invalid_field("key", issue)
+    return keys[0]
+
+
+def _key_hash(key: str) -> str:
+    """Return a short hex prefix of the key's DHT hash, which logs show instead of keys."""
+    return dht_key_for(key).hex()[:KEY_HASH_LOG_HEX_DIGITS]
