@@ -14,12 +14,12 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from voxanode.api.errors import ApiError, invalid_field
+from voxanode.api.json_body import BODY_FIELD
 from voxanode.dht.records import encode_value
 
 MIN_KEY_CHARACTERS = 1
 MIN_TTL_SECONDS = 1
 MIN_REPLICAS = 1
-BODY_FIELD = "body"
 
 # msgspec.ValidationError carries only a message, so the field is read from its text.
 # These are msgspec's message shapes for a top-level object, checked with msgspec 0.23.
