@@ -93,7 +93,7 @@ class Identity:
             key_file.flush()
             os.fsync(key_file.fileno())
         os.replace(temporary, path)
-        logger.info("created node key node=%s path=%s", identity.node_id, path)
+        logger.info("created node key for %s at %s", identity.node_id, path)
         return identity
 
     def sign(self, data: bytes) -> bytes:

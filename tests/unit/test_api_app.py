@@ -22,7 +22,7 @@ async def test_start_api_logs_bound_port(tmp_path, caplog):
         assert port != 0
 
         lines = [record.getMessage() for record in caplog.records]
-        assert f"API listening on http://127.0.0.1:{port} node={node.node_id}" in lines
+        assert f"API listening on http://127.0.0.1:{port}" in lines
 
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/status/health") as response:

@@ -5,8 +5,8 @@ node included when it is among them), moving down the list past nodes that fail,
 reports exactly who acknowledged. Retrieve runs a `RecordLookup` and repairs the
 closest nodes that returned an older version or none. The republish loop checks, for
 every record this node holds, that the closest nodes in its routing table hold the
-same or a newer version, and stores it where they do not; a dead holder drops out of
-the routing table when it fails to answer, so its replacement gets the record within
+same or a newer version, and stores it where they do not. A dead holder drops out of
+the routing table when it does not respond, so its replacement gets the record within
 a round or two. A sweep loop deletes expired records.
 """
 
@@ -319,7 +319,7 @@ class DataService:
     async def republish_once(self) -> int:
         """Make sure the closest nodes hold every record held here; return stores made.
 
-        A target that does not answer drops out of the routing table, so a second
+        A target that does not respond drops out of the routing table, so a second
         pass in the same round reaches its replacement.
         """
         stores = 0
