@@ -1,9 +1,9 @@
 """The node: builds the record store, peer socket, data service and API, and runs them.
 
 `Node.start()` brings the parts up in order (store, peer socket, API, background
-loops) and unwinds what it started if a step fails; `Node.stop()` takes them down in
-reverse and is safe to call twice. `run_until_stopped()` is what the daemon runs: it
-starts, waits for SIGTERM or SIGINT, and stops.
+loops). If a step fails, it unwinds what it started. `Node.stop()` takes the parts
+down in reverse and is safe to call twice. The daemon runs `run_until_stopped()`,
+which starts the node, waits for SIGTERM or SIGINT, and stops it.
 """
 
 import asyncio
@@ -21,11 +21,17 @@ from pathlib import Path
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node as KademliaNode
 
+from voxanode import __version__
 from voxanode.dht.records import RECORD_OVERHEAD_BYTES, now_millis
 from voxanode.dht.service import DataLimits, DataService, run_periodically
 from voxanode.dht.store import DATABASE_FILE_NAME, RecordStore
+from voxanode.events import EventBus
 from voxanode.identity import Identity, readable_node_id
+from voxanode.membership.load import sample_load
+from voxanode.membership.state import Change, Member, NodeInfo, NodeLoad
+from voxanode.membership.swim import Membership, SwimConfig
 from voxanode.peer.protocol import PeerProtocol, PeerStats, peer_label
+from voxanode.peer.sealing import Keyring
 from voxanode.settings import BindError, Settings
 
 PEERS_FILE_NAME = "peers.json"
@@ -38,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PingResult:
-    """One peer's answer to a ping from /test/connection."""
+    """One peer's reply to a ping sent for /test/connection."""
 
     node_id: str | None
     address: str
@@ -48,7 +54,7 @@ class PingResult:
 
 @dataclass
 class StorageStatus:
-    """Whether the record database answers, and how many live records it holds."""
+    """Whether the record database responds to a query, and how many live records it contains."""
 
     ok: bool
     records: int
@@ -83,6 +89,12 @@ class Node:
             ),
         )
         self.protocol: PeerProtocol | None = None
+        self.membership: Membership | None = None
+        self.events = EventBus(
+            self.node_id,
+            buffer_size=settings.event_buffer_size,
+            client_queue_size=settings.event_client_queue_size,
+        )
         self.api_runner = None
         self._stop_requested = asyncio.Event()
         self._loops_stop = asyncio.Event()
@@ -119,10 +131,12 @@ class Node:
         try:
             self.store.open()
             await self._start_peer_socket()
+            self._start_membership()
             from voxanode.api.app import start_api
 
             self.api_runner = await start_api(self)
             self._start_loops()
+            self.membership.start()
         except BaseException:
             await self.stop()
             raise
@@ -139,6 +153,7 @@ class Node:
         settings = self.settings
         loop = asyncio.get_running_loop()
         max_record_bytes = settings.max_value_bytes + settings.max_key_bytes + RECORD_OVERHEAD_BYTES
+        keyring = Keyring(settings.network_key, list(settings.network_keys_accepted))
 
         def make_protocol() -> PeerProtocol:
             return PeerProtocol(
@@ -149,6 +164,7 @@ class Node:
                 rpc_timeout_seconds=settings.rpc_timeout_seconds,
                 clock_skew_seconds=settings.clock_skew_seconds,
                 max_record_bytes=max_record_bytes,
+                keyring=keyring,
             )
 
         try:
@@ -162,6 +178,71 @@ class Node:
         self.protocol = protocol
         self.data.attach(protocol)
         logger.info("peer socket bound udp=%s:%d", settings.peer_host, settings.peer_port)
+        if keyring.enabled:
+            fingerprints = keyring.fingerprints
+            logger.info(
+                "peer datagrams are sealed with network key fingerprint=%s also_accepted=%s",
+                fingerprints[0],
+                ",".join(fingerprints[1:]) or "none",
+            )
+        else:
+            logger.warning(
+                "no network_key is set, so any host that can reach udp=%s:%d can join the"
+                " network and read peer traffic",
+                settings.peer_host,
+                settings.peer_port,
+            )
+
+    def _start_membership(self) -> None:
+        settings = self.settings
+        own_info = NodeInfo(
+            public_key=self.identity.public_key,
+            incarnation=0,
+            sequence=0,
+            peer_address=(settings.peer_host, settings.peer_port),
+            api_address=(settings.api_host, settings.api_port),
+            version=__version__,
+            capabilities=("storage",),
+            load=sample_load(),
+            leaving=False,
+        )
+        self.membership = Membership(
+            self.identity,
+            self.protocol,
+            SwimConfig(
+                probe_interval_seconds=settings.probe_interval_seconds,
+                probe_timeout_seconds=settings.probe_timeout_seconds,
+                indirect_checks=settings.indirect_checks,
+                suspicion_mult=settings.suspicion_mult,
+                retransmit_mult=settings.retransmit_mult,
+                gossip_interval_seconds=settings.gossip_interval_seconds,
+                gossip_fanout=settings.gossip_fanout,
+                push_pull_interval_seconds=settings.push_pull_interval_seconds,
+                load_interval_seconds=settings.load_interval_seconds,
+                forget_after_seconds=settings.forget_member_after_seconds,
+                leave_wait_seconds=settings.leave_wait_seconds,
+            ),
+            own_info,
+            on_change=self._on_member_change,
+            sample_load=sample_load,
+        )
+
+    def _on_member_change(self, member: Member, change: Change) -> None:
+        """Publish membership changes as events and keep the DHT routing table in step."""
+        if change in (Change.FAILED, Change.LEFT) and self.protocol is not None:
+            # The dead node's records need new holders: drop it and republish now.
+            self.protocol.router.remove_contact(KademliaNode(member.dht_id))
+            self.data.republish_wanted.set()
+        subject = {"node_id": member.node_id}
+        address = f"{member.info.api_address[0]}:{member.info.api_address[1]}"
+        if change in (Change.JOINED, Change.REJOINED):
+            self.events.publish("node_joined", subject, {"address": address})
+        elif change is Change.LEFT:
+            self.events.publish("node_left", subject, {"reason": "left", "address": address})
+        elif change is Change.FAILED:
+            self.events.publish("node_left", subject, {"reason": "failed", "address": address})
+        elif change is Change.SUSPECTED:
+            self.events.publish("node_suspected", subject, {"address": address})
 
     def _start_loops(self) -> None:
         settings = self.settings
@@ -199,7 +280,11 @@ class Node:
     async def stop(self) -> None:
         """Stop the loops, the API and the peer socket, and close the store. Safe twice."""
         errors = []
+        if self.membership is not None and self._started:
+            await self.membership.leave()
         self._loops_stop.set()
+        if self.membership is not None:
+            await self.membership.stop()
         if self._loops:
             done, pending = await asyncio.wait(self._loops, timeout=self.settings.shutdown_timeout_seconds)
             for task in pending:
@@ -213,6 +298,7 @@ class Node:
                 await runner.cleanup()
             except Exception as error:  # noqa: BLE001 - every cleanup error is reported
                 errors.append(f"api: {error}")
+        self.events.close()
 
         if self.protocol is not None:
             self._save_peers()
@@ -242,6 +328,7 @@ class Node:
                 delay = settings.join_retry_seconds if self.connected_peer_count() == 0 else 0
             else:
                 await self._refresh()
+                await self._sync_membership_if_alone()
                 delay = settings.refresh_interval_seconds * random.uniform(0.8, 1.2)
             if delay:
                 try:
@@ -256,7 +343,7 @@ class Node:
         answers = await asyncio.gather(*(self.protocol.ping_address(addr) for addr in addresses))
         reached = [node for node in answers if node is not None]
         if not reached:
-            logger.debug("no bootstrap peer answered tried=%d", len(addresses))
+            logger.debug("no bootstrap peer responded tried=%d", len(addresses))
             return
         crawl = NodeSpiderCrawl(
             self.protocol,
@@ -266,10 +353,12 @@ class Node:
             self.settings.alpha,
         )
         await crawl.find()
+        members = await self.membership.join([(node.ip, node.port) for node in reached])
         logger.info(
-            "joined the network through %d bootstrap peers, %d peers known",
+            "joined the network through %d bootstrap peers, %d peers known, %d members",
             len(reached),
             self.connected_peer_count(),
+            len(self.membership.table) if members else 1,
         )
         self._save_peers()
 
@@ -283,6 +372,14 @@ class Node:
                     self.protocol, target, nearest, self.settings.ksize, self.settings.alpha
                 ).find()
         self._save_peers()
+
+    async def _sync_membership_if_alone(self) -> None:
+        """Join the member list through a DHT contact when no member is reachable."""
+        if self.membership.table.reachable_others():
+            return
+        contacts = self.protocol.router.find_neighbors(self.protocol.source_node, 3)
+        if contacts:
+            await self.membership.join([(node.ip, node.port) for node in contacts])
 
     async def _resolve_join_addresses(self) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
@@ -346,7 +443,7 @@ class Node:
         return self.protocol.stats()
 
     async def ping_peers(self, limit: int = 3) -> list[PingResult]:
-        """Ping up to `limit` random known peers and report each answer and round trip."""
+        """Ping up to `limit` random known peers; return each reply and its round-trip time."""
         contacts = self.protocol.router.find_neighbors(self.protocol.source_node, self.settings.ksize)
         chosen = random.sample(contacts, min(limit, len(contacts)))
 

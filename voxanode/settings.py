@@ -12,6 +12,7 @@ hidden by a flag. Relative paths are resolved against the current directory, als
 they come from a settings file.
 """
 
+import base64
 import dataclasses
 import difflib
 import ipaddress
@@ -51,12 +52,23 @@ GROUP_NODE = "node"
 GROUP_PROTOCOL = "DHT and peer protocol"
 GROUP_DATA = "stored data limits"
 GROUP_TIMERS = "timers"
+GROUP_MEMBERSHIP = "membership and events"
 
 _INTEGER_PATTERN = re.compile(r"[+-]?[0-9]{1,18}")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
 _HOST_LABEL_PATTERN = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _NUMERIC_HOST_PATTERN = re.compile(r"[0-9.]+")
 _GIT_COMMIT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# A network key is 32 bytes: 64 hex digits, or 43 base64 characters (standard or URL-safe
+# alphabet) with an optional "=" of padding.
+NETWORK_KEY_BYTES = 32
+_HEX_KEY_PATTERN = re.compile(r"[0-9A-Fa-f]{64}")
+_BASE64_KEY_PATTERN = re.compile(r"[A-Za-z0-9+/_-]{43}=?")
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+NETWORK_KEY_REQUIREMENT = (
+    "must be 32 bytes as base64 or hex; create one with "
+    "`python3 -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())'`"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +326,66 @@ class GitCommitRule:
         return text
 
 
+def parse_network_key(text: str) -> bytes:
+    """Decode a network key from 64 hex digits or base64; raise ValueError naming the fix.
+
+    The error message never contains the text, because a rejected key may still be
+    most of a real one.
+    """
+    stripped = text.strip()
+    if _HEX_KEY_PATTERN.fullmatch(stripped):
+        return bytes.fromhex(stripped)
+    if _BASE64_KEY_PATTERN.fullmatch(stripped):
+        standard = stripped.rstrip("=").translate(_URL_SAFE_TO_STANDARD) + "="
+        return base64.b64decode(standard, validate=True)
+    raise ValueError(NETWORK_KEY_REQUIREMENT)
+
+
+@dataclass(frozen=True)
+class NetworkKeyRule:
+    """A network key as base64 or hex, decoded to 32 bytes. None means "no key": JSON null."""
+
+    metavar: str = "KEY"
+
+    def parse(self, raw: object, from_text: bool) -> bytes | None:
+        if raw is None and not from_text:
+            return None
+        if not isinstance(raw, str):
+            raise ValueError(f"{NETWORK_KEY_REQUIREMENT}, or null for an open network")
+        if not raw.strip():
+            # An empty variable, such as one set from an unset shell variable, must not
+            # open the network silently.
+            raise ValueError(
+                f"is empty, but it {NETWORK_KEY_REQUIREMENT}. Leave it unset for an open network"
+            )
+        return parse_network_key(raw)
+
+
+@dataclass(frozen=True)
+class NetworkKeyListRule:
+    """Network keys: a JSON list of strings in a file, comma-separated text otherwise."""
+
+    metavar: str = "KEY,..."
+
+    def parse(self, raw: object, from_text: bool) -> tuple[bytes, ...]:
+        if isinstance(raw, str) and from_text:
+            entries: list[object] = [entry for entry in raw.split(",") if entry.strip()]
+        elif isinstance(raw, (list, tuple)):
+            entries = list(raw)
+        else:
+            raise ValueError("must be a JSON list of keys, each 32 bytes as base64 or hex")
+
+        keys = []
+        for number, entry in enumerate(entries, start=1):
+            if not isinstance(entry, str):
+                raise ValueError(f"entry {number} {NETWORK_KEY_REQUIREMENT}")
+            try:
+                keys.append(parse_network_key(entry))
+            except ValueError as error:
+                raise ValueError(f"entry {number} {error}") from None
+        return tuple(keys)
+
+
 Rule = (
     IntegerRule
     | NumberRule
@@ -323,6 +395,8 @@ Rule = (
     | PathRule
     | PeerListRule
     | GitCommitRule
+    | NetworkKeyRule
+    | NetworkKeyListRule
 )
 
 PORT_RULE = IntegerRule(MIN_PORT, MAX_PORT, metavar="PORT")
@@ -340,8 +414,12 @@ def _setting(
     env: str | None = None,
     default_text: str | None = None,
     in_file: bool = True,
+    secret: bool = False,
 ):
-    """Declare one setting: a dataclass field whose metadata is its row in the table."""
+    """Declare one setting: a dataclass field whose metadata is its row in the table.
+
+    A secret setting is left out of the `Settings` repr and its value out of errors.
+    """
     metadata = {
         "help": help_text,
         "rule": rule,
@@ -350,8 +428,9 @@ def _setting(
         "env": env,
         "default_text": default_text,
         "in_file": in_file,
+        "secret": secret,
     }
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -419,7 +498,7 @@ class Settings:
     )
     dev: bool = _setting(
         False,
-        "development mode: turns API authentication off",
+        "development mode: API authentication off; this version checks no tokens in either mode",
         BooleanRule(),
         GROUP_NODE,
     )
@@ -467,6 +546,26 @@ class Settings:
         "tolerated clock difference when checking record and message times",
         NumberRule(0.0),
         GROUP_PROTOCOL,
+    )
+    network_key: bytes | None = _setting(
+        None,
+        "key that seals every peer datagram with AES-GCM, 32 bytes as base64 or hex;"
+        " only nodes with the key can join. A flag shows in the process list, so set"
+        " VOXA_NETWORK_KEY or the settings file instead",
+        NetworkKeyRule(),
+        GROUP_PROTOCOL,
+        default_text="none, so any host that reaches peer_port can join",
+        secret=True,
+    )
+    network_keys_accepted: tuple[bytes, ...] = _setting(
+        (),
+        "more keys accepted on received peer datagrams during a key rotation, comma-separated."
+        " A flag shows in the process list, so set VOXA_NETWORK_KEYS_ACCEPTED or the"
+        " settings file instead",
+        NetworkKeyListRule(),
+        GROUP_PROTOCOL,
+        default_text="none",
+        secret=True,
     )
 
     # stored data limits
@@ -538,6 +637,84 @@ class Settings:
         POSITIVE_SECONDS_RULE,
         GROUP_TIMERS,
     )
+    probe_interval_seconds: float = _setting(
+        1.0,
+        "time between SWIM probes; each probes one member",
+        POSITIVE_SECONDS_RULE,
+        GROUP_MEMBERSHIP,
+    )
+    probe_timeout_seconds: float = _setting(
+        0.5,
+        "wait for a direct probe's ack before asking other members to probe",
+        POSITIVE_SECONDS_RULE,
+        GROUP_MEMBERSHIP,
+    )
+    indirect_checks: int = _setting(
+        3,
+        "members asked to probe a member that missed a direct probe",
+        IntegerRule(0, 16),
+        GROUP_MEMBERSHIP,
+    )
+    suspicion_mult: int = _setting(
+        4,
+        "suspicion timeout in probe intervals, times log10 of the member count",
+        IntegerRule(1, 100),
+        GROUP_MEMBERSHIP,
+    )
+    retransmit_mult: int = _setting(
+        4,
+        "times each membership update is sent, times log10 of the member count",
+        IntegerRule(1, 100),
+        GROUP_MEMBERSHIP,
+    )
+    gossip_interval_seconds: float = _setting(
+        0.2,
+        "time between rounds that send queued membership updates",
+        POSITIVE_SECONDS_RULE,
+        GROUP_MEMBERSHIP,
+    )
+    gossip_fanout: int = _setting(
+        3,
+        "members each gossip round sends updates to",
+        IntegerRule(1, 16),
+        GROUP_MEMBERSHIP,
+    )
+    push_pull_interval_seconds: float = _setting(
+        30.0,
+        "time between full member list exchanges with one random member",
+        POSITIVE_SECONDS_RULE,
+        GROUP_MEMBERSHIP,
+    )
+    load_interval_seconds: float = _setting(
+        5.0,
+        "time between samples of this node's CPU and memory load",
+        POSITIVE_SECONDS_RULE,
+        GROUP_MEMBERSHIP,
+    )
+    forget_member_after_seconds: float = _setting(
+        3600.0,
+        "time an offline or departed member stays listed before it is forgotten",
+        POSITIVE_SECONDS_RULE,
+        GROUP_MEMBERSHIP,
+    )
+    leave_wait_seconds: float = _setting(
+        1.0,
+        "wait after announcing a graceful leave, so the announcement spreads",
+        NumberRule(0.0),
+        GROUP_MEMBERSHIP,
+    )
+    event_buffer_size: int = _setting(
+        1000,
+        "recent network events kept for replay with ?since=",
+        IntegerRule(1, 1_000_000),
+        GROUP_MEMBERSHIP,
+    )
+    event_client_queue_size: int = _setting(
+        256,
+        "undelivered events per event-stream client before it is disconnected",
+        IntegerRule(1, 1_000_000),
+        GROUP_MEMBERSHIP,
+    )
 
     # Derived by load_settings, not settable. bootstrap_peers lists the peers of
     # bootstrap_file, then those of bootstrap, parsed and without duplicates. sources
@@ -566,6 +743,7 @@ class SettingSpec:
     env: str
     default_text: str
     in_file: bool
+    secret: bool
 
 
 def _display_default(value: object) -> str:
@@ -596,6 +774,7 @@ def _spec_from_field(settings_field: dataclasses.Field) -> SettingSpec:
         env=metadata["env"] or ENV_PREFIX + name.upper(),
         default_text=metadata["default_text"] or _display_default(default),
         in_file=metadata["in_file"],
+        secret=metadata["secret"],
     )
 
 
@@ -738,6 +917,7 @@ def load_settings(flags: Mapping[str, object], environ: Mapping[str, str], cwd: 
     bootstrap_peers = tuple(dict.fromkeys(file_peers + setting_peers))
 
     _check_ordered_pairs(values, sources)
+    _check_network_keys(values, sources)
     return Settings(**values, bootstrap_peers=bootstrap_peers, sources=MappingProxyType(sources))
 
 
@@ -770,6 +950,9 @@ def _parse_layer_value(spec: SettingSpec, layer_value: _LayerValue) -> object:
     try:
         return spec.rule.parse(layer_value.raw, layer_value.from_text)
     except ValueError as error:
+        if spec.secret:
+            message = f"invalid setting {spec.name} (from {layer_value.source}): {error}"
+            raise SettingsError(spec.name, message) from None
         as_json = not layer_value.from_text
         raise SettingsError.for_value(
             spec.name, layer_value.raw, layer_value.source, str(error), as_json
@@ -941,6 +1124,18 @@ def _check_ordered_pairs(values: Mapping[str, object], sources: Mapping[str, str
         other = f"{larger}={large_value} (from {sources[larger]})"
         problem = f"must be {relation} {other}"
         raise SettingsError.for_value(smaller, small_value, sources[smaller], problem)
+
+
+def _check_network_keys(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+    """Raise SettingsError when keys are accepted but no network_key is set to seal with."""
+    if not values["network_keys_accepted"] or values["network_key"] is not None:
+        return
+    source = sources["network_keys_accepted"]
+    message = (
+        f"invalid setting network_keys_accepted (from {source}): accepted keys need a"
+        " network_key to seal with; set network_key too, or remove network_keys_accepted"
+    )
+    raise SettingsError("network_keys_accepted", message)
 
 
 # Build information

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
 from voxanode.api.middlewares import MIDDLEWARES, add_request_id_header
-from voxanode.api.routes import connectivity, data, info, status
+from voxanode.api.routes import connectivity, data, events, info, nodes, status
 from voxanode.api.stats import RequestStats
 from voxanode.settings import BindError, format_peer_address
 
@@ -41,7 +41,7 @@ def create_app(node: ApiNode) -> web.Application:
     app[PROCESS_KEY] = process
 
     app.on_response_prepare.append(add_request_id_header)
-    for route_group in (data, status, info, connectivity):
+    for route_group in (data, nodes, status, info, connectivity, events):
         route_group.add_routes(app)
     return app
 
@@ -73,7 +73,7 @@ async def start_api(node: ApiNode) -> web.AppRunner:
         raise
 
     addresses = ", ".join(_format_address(address) for address in runner.addresses)
-    logger.info("API listening on %s node=%s", addresses, node.node_id)
+    logger.info("API listening on %s", addresses)
     return runner
 
 

@@ -21,6 +21,8 @@ class ApiNode(Protocol):
     node_id: str
     started_at: float
     data: Any
+    membership: Any
+    events: Any
     bootstrap_peers: tuple[tuple[str, int], ...]
 
     def peer_stats(self) -> Any: ...

@@ -17,7 +17,7 @@ HMAC-SHA256 under a key derived from the X25519 exchange:
 
 An Ed25519 verification costs about 150 microseconds here and an HMAC about two, and
 every RPC is two frames, so session frames keep the cost of authentication off the
-request path. `kind` is 0 for a request and 1 for a response; `msg_id` is 16 random
+request path. `kind` is 0 for a request, 1 for a response and 2 for a one-way notification; `msg_id` is 16 random
 bytes that a response repeats; `sent_ms` lets the receiver reject stale or replayed
 requests. Responses carry `method` as an empty string and a payload of
 `[ok, result]`.
@@ -56,6 +56,8 @@ SESSION_TAG_BYTES = 16
 SESSION_KEY_INFO = b"voxanode peer session v1"
 KIND_REQUEST = 0
 KIND_RESPONSE = 1
+# A one-way message: handled like a request, but no response is sent.
+KIND_NOTIFY = 2
 MAX_METHOD_NAME_CHARS = 32
 # Upper bound on items in any list or map of a payload; the largest legitimate one is a
 # batch of record versions, far below this.
@@ -82,6 +84,7 @@ class DropReason(str, enum.Enum):
     WRONG_SENDER = "wrong_sender"
     OVERLOADED = "overloaded"
     OWN_MESSAGE = "own_message"
+    UNSEALED = "unsealed"
 
 
 class FrameError(ValueError):
@@ -239,7 +242,7 @@ def _unpack(data: bytes, max_datagram_bytes: int) -> Any:
 
 
 def _check_common(kind: Any, msg_id: Any, sent_ms: Any, method: Any) -> None:
-    if kind not in (KIND_REQUEST, KIND_RESPONSE) or isinstance(kind, bool):
+    if kind not in (KIND_REQUEST, KIND_RESPONSE, KIND_NOTIFY) or isinstance(kind, bool):
         raise FrameError(DropReason.MALFORMED, "unknown kind")
     if not isinstance(msg_id, bytes) or len(msg_id) != MSG_ID_BYTES:
         raise FrameError(DropReason.MALFORMED, "bad message id")

@@ -28,6 +28,7 @@ from kademlia.protocol import KademliaProtocol
 from voxanode.identity import DHT_ID_BYTES, Identity, readable_node_id
 from voxanode.peer.framing import (
     FRAME_OVERHEAD_BYTES,
+    KIND_NOTIFY,
     KIND_REQUEST,
     KIND_RESPONSE,
     MSG_ID_BYTES,
@@ -41,6 +42,7 @@ from voxanode.peer.framing import (
     peek_request_id,
     session_hint,
 )
+from voxanode.peer.sealing import Keyring, SealError
 
 MAX_CONCURRENT_REQUESTS = 256
 MAX_CHUNK_TRANSFERS_PER_PEER = 4
@@ -166,8 +168,15 @@ class PeerProtocol(KademliaProtocol):
         rpc_timeout_seconds: float,
         clock_skew_seconds: float,
         max_record_bytes: int,
+        keyring: Keyring | None = None,
     ):
         KademliaProtocol.__init__(self, Node(identity.dht_id), None, ksize)
+        # Frames are sealed after they are encoded, so the limit for encoding and
+        # decoding frames leaves room for the sealing overhead. datagram_received checks
+        # a sealed datagram against the full limit before it opens it.
+        self.keyring = keyring if keyring is not None else Keyring(None, [])
+        self.max_sealed_bytes = max_datagram_bytes
+        max_datagram_bytes -= self.keyring.overhead
         self._wait_timeout = rpc_timeout_seconds
         self.identity = identity
         self.holder = holder
@@ -203,6 +212,12 @@ class PeerProtocol(KademliaProtocol):
         self._next_drop_warning = 0.0
         self._peers_seen: set[bytes] = set()
 
+    def register_handler(self, method: str, handler) -> None:
+        """Serve `method` with `handler(sender, sender_id, *args)`, sync or async."""
+        if method in self._handler_methods:
+            raise ValueError(f"peer method {method!r} already has a handler")
+        self._handler_methods[method] = handler
+
     def __getattr__(self, name: str) -> Any:
         # rpcudp turns any unknown attribute into a remote call; a typo here must fail.
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
@@ -215,6 +230,15 @@ class PeerProtocol(KademliaProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self.bytes_received += len(data)
         self.datagrams_received += 1
+        if self.keyring.enabled:
+            if len(data) > self.max_sealed_bytes:
+                self._drop(DropReason.OVERSIZED, addr, f"{len(data)} bytes")
+                return
+            try:
+                data = self.keyring.open(data)
+            except SealError as error:
+                self._drop(DropReason.UNSEALED, addr, str(error))
+                return
         try:
             frame = decode_frame(data, self.max_datagram_bytes, self._session_key_for)
         except FrameError as error:
@@ -325,6 +349,7 @@ class PeerProtocol(KademliaProtocol):
     def _send(self, datagram: bytes, address: tuple) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        datagram = self.keyring.seal(datagram)
         self.transport.sendto(datagram, address)
         self.bytes_sent += len(datagram)
         self.datagrams_sent += 1
@@ -394,10 +419,14 @@ class PeerProtocol(KademliaProtocol):
             result = handler(addr, frame.sender_id, *frame.payload)
             if asyncio.iscoroutine(result):
                 result = await result
+            if frame.kind == KIND_NOTIFY:
+                return
             reply = [True, result]
         except (PeerRequestError, TypeError) as error:
             # TypeError: the peer sent the wrong number of arguments.
             self._drop(DropReason.BAD_REQUEST, addr, f"{frame.method}: {error}")
+            if frame.kind == KIND_NOTIFY:
+                return
             reply = [False, "invalid arguments"]
         except asyncio.CancelledError:
             raise
@@ -405,6 +434,8 @@ class PeerProtocol(KademliaProtocol):
             logger.exception(
                 "peer request failed method=%s from=%s", frame.method, peer_label(addr)
             )
+            if frame.kind == KIND_NOTIFY:
+                return
             reply = [False, "internal error"]
         try:
             datagram = self._encode(frame.sender_id, KIND_RESPONSE, frame.msg_id, "", reply)
@@ -453,12 +484,18 @@ class PeerProtocol(KademliaProtocol):
         if pending is not None and not pending[0].done():
             pending[0].set_result((False, None, None))
 
+    def notify(self, address: tuple, method: str, args: list, peer_id: bytes) -> None:
+        """Send a one-way message to a known peer; nothing comes back."""
+        datagram = self._encode(peer_id, KIND_NOTIFY, os.urandom(MSG_ID_BYTES), method, args)
+        self._send(datagram, address)
+
     async def call(
         self,
         address: tuple,
         method: str,
         args: list,
         expected_id: bytes | None = None,
+        timeout: float | None = None,
     ) -> tuple[bool, Any, bytes | None]:
         """Send a request and wait for its response.
 
@@ -466,21 +503,26 @@ class PeerProtocol(KademliaProtocol):
         peer rejected the request. Raises MessageTooLarge if the request does not fit.
         A peer that could not check a session frame gets the request again, signed.
         """
-        outcome = await self._call_once(address, method, args, expected_id)
+        outcome = await self._call_once(address, method, args, expected_id, timeout)
         if outcome is RETRY_SIGNED:
-            outcome = await self._call_once(address, method, args, expected_id)
+            outcome = await self._call_once(address, method, args, expected_id, timeout)
         if outcome is RETRY_SIGNED:
             return (False, None, None)
         return outcome
 
     async def _call_once(
-        self, address: tuple, method: str, args: list, expected_id: bytes | None
+        self,
+        address: tuple,
+        method: str,
+        args: list,
+        expected_id: bytes | None,
+        timeout: float | None = None,
     ) -> Any:
         msg_id = os.urandom(MSG_ID_BYTES)
         datagram = self._encode(expected_id, KIND_REQUEST, msg_id, method, args)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        timer = loop.call_later(self._wait_timeout, self._expire_call, msg_id)
+        timer = loop.call_later(timeout or self._wait_timeout, self._expire_call, msg_id)
         self._outstanding[msg_id] = (future, timer, address, expected_id)
         logger.debug("calling method=%s to=%s", method, peer_label(address))
         self._send(datagram, address)

@@ -1,0 +1,219 @@
+"""Membership on real nodes: convergence, failure detection, graceful leave, rejoin."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from event_stream import EventStream
+from helpers import api_get
+
+NODES = 8
+CONVERGE_SECONDS = 20
+# Worst case: every other member is probed before the dead one (7 s at 1 s a probe),
+# then the suspicion timeout (4 s for 8 members), then dissemination.
+DETECT_SECONDS = 30
+
+
+def member_view(node) -> dict[str, str]:
+    status, body, _ = api_get(node.api_url, "/data/discover_nodes/")
+    assert status == 200, body
+    return {entry["node_id"]: entry["status"] for entry in body["nodes"]}
+
+
+def wait_for(condition, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last is True:
+            return True
+        time.sleep(interval)
+    return last
+
+
+@pytest.fixture
+def network(devnet_factory):
+    return devnet_factory(NODES)
+
+
+def node_ids(network) -> dict:
+    return {node.index: node.fetch_node_id() for node in network.nodes}
+
+
+def test_members_converge_everywhere(network):
+    ids = set(node_ids(network).values())
+
+    def converged():
+        views = [member_view(node) for node in network.nodes]
+        return all(set(view) == ids and set(view.values()) == {"online"} for view in views) or views
+
+    assert wait_for(converged, CONVERGE_SECONDS) is True
+
+
+def test_killed_node_offline_and_stopped_node_left(network):
+    ids = node_ids(network)
+    everyone = set(ids.values())
+    assert wait_for(lambda: all(set(member_view(n)) == everyone for n in network.nodes), CONVERGE_SECONDS) is True
+
+    killed, stopped = network.nodes[3], network.nodes[5]
+    survivors = [node for node in network.nodes if node not in (killed, stopped)]
+    with contextlib.ExitStack() as stack:
+        streams = [stack.enter_context(EventStream(node.api_url)) for node in survivors]
+        killed.kill()
+        assert stopped.stop() == 0
+        _check_views_after_kill_and_stop(network, ids, killed, stopped, survivors)
+
+        for stream in streams:
+            assert stream.wait_for("node_left", DETECT_SECONDS, node_id=ids[killed.index], reason="failed"), stream.events
+            assert stream.wait_for("node_left", 5, node_id=ids[stopped.index], reason="left"), stream.events
+            assert not stream.matching("node_left", node_id=ids[stopped.index], reason="failed")
+            for event in stream.events:
+                assert event["event_id"].startswith("evt-")
+                assert event["timestamp"].endswith("Z")
+
+        # A restarted node is online again everywhere and announced as joined.
+        stopped.start()
+        stopped.wait_ready()
+        assert wait_for(
+            lambda: all(member_view(node).get(ids[stopped.index]) == "online" for node in survivors),
+            CONVERGE_SECONDS,
+        ) is True
+        for stream in streams:
+            assert stream.wait_for("node_joined", 10, node_id=ids[stopped.index]), stream.events
+        event_ids = [event["event_id"] for event in streams[0].events]
+        assert len(event_ids) == len(set(event_ids))
+
+
+def _check_views_after_kill_and_stop(network, ids, killed, stopped, survivors):
+    """Every survivor shows the killed node offline, the stopped one left, the rest online."""
+
+    def settled():
+        views = [member_view(node) for node in survivors]
+        ok = all(
+            view.get(ids[killed.index]) == "offline" and view.get(ids[stopped.index]) == "left"
+            for view in views
+        )
+        return ok or views
+
+    assert wait_for(settled, DETECT_SECONDS) is True
+    for node in survivors:
+        view = member_view(node)
+        others = {node_id: state for node_id, state in view.items() if node_id not in (ids[killed.index], ids[stopped.index])}
+        assert set(others.values()) == {"online"}, view
+
+
+def test_discover_nodes_filters(network):
+    ids = set(node_ids(network).values())
+    assert wait_for(lambda: set(member_view(network.nodes[0])) == ids, CONVERGE_SECONDS) is True
+    status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/", status="online", capability="storage")
+    assert status == 200, body
+    assert body["total_nodes"] == NODES
+    assert body["online_nodes"] == NODES
+    entry = body["nodes"][0]
+    for field in ("node_id", "address", "status", "capabilities", "load", "last_seen"):
+        assert field in entry
+    for field in ("cpu_percent", "memory_percent", "active_apps"):
+        assert field in entry["load"]
+
+    status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/", status="left")
+    assert status == 200
+    assert body["total_nodes"] == 0
+    status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/", status="sleeping")
+    assert status == 400
+    assert body["error"]["details"]["field"] == "status"
+
+
+HEALTHY_RUN_SECONDS = 60
+BURN_SECONDS = 20
+LOAD_SPREAD_SECONDS = 20
+
+
+def test_healthy_network_has_no_false_suspicions(network):
+    ids = set(node_ids(network).values())
+    assert wait_for(lambda: all(set(member_view(n)) == ids for n in network.nodes), CONVERGE_SECONDS) is True
+
+    with contextlib.ExitStack() as stack:
+        streams = [stack.enter_context(EventStream(node.api_url)) for node in network.nodes]
+        time.sleep(HEALTHY_RUN_SECONDS)
+        for stream in streams:
+            assert stream.matching("node_suspected") == []
+            assert stream.matching("node_left") == []
+    for node in network.nodes:
+        assert set(member_view(node).values()) == {"online"}
+
+
+def cpu_seen_by_others(network, subject_id) -> list[float]:
+    values = []
+    for node in network.nodes:
+        status, body, _ = api_get(node.api_url, "/data/discover_nodes/")
+        assert status == 200, body
+        for entry in body["nodes"]:
+            if entry["node_id"] == subject_id and not entry["is_self"]:
+                values.append(entry["load"]["cpu_percent"])
+    return values
+
+
+def test_cpu_load_spreads_to_other_nodes(devnet_factory):
+    """Burn every core and watch one node's announced cpu_percent rise on the others.
+
+    All test nodes share this machine, so the burn raises every node's load: the test
+    checks that the new load reaches the other nodes' member views within a few
+    announcement and gossip rounds.
+    """
+    network = devnet_factory(4, extra_args=["--load-interval-seconds", "2"])
+    subject = network.nodes[1].fetch_node_id()
+    assert wait_for(lambda: len(cpu_seen_by_others(network, subject)) == 3, CONVERGE_SECONDS) is True
+    # The burn keeps every core busy, so whatever the load before, each sample taken
+    # during it is above 60 percent; the memory test below checks a rise instead.
+    script = f"import time\nend = time.monotonic() + {BURN_SECONDS}\nwhile time.monotonic() < end: pass\n"
+    burners = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(os.cpu_count() or 1)]
+    try:
+        raised = wait_for(
+            lambda: min(cpu_seen_by_others(network, subject)) >= 60.0,
+            LOAD_SPREAD_SECONDS,
+        )
+        assert raised is True, cpu_seen_by_others(network, subject)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+MEMORY_HOG_BYTES = 2 * 1024**3
+
+
+def memory_seen_by_others(network, subject_id) -> list[float]:
+    values = []
+    for node in network.nodes:
+        status, body, _ = api_get(node.api_url, "/data/discover_nodes/")
+        assert status == 200, body
+        for entry in body["nodes"]:
+            if entry["node_id"] == subject_id and not entry["is_self"]:
+                values.append(entry["load"]["memory_percent"])
+    return values
+
+
+def test_memory_load_spreads_to_other_nodes(devnet_factory):
+    """Hold 2 GiB in another process and watch a node's memory_percent rise on the others."""
+    network = devnet_factory(4, extra_args=["--load-interval-seconds", "2"])
+    subject = network.nodes[2].fetch_node_id()
+    assert wait_for(lambda: len(memory_seen_by_others(network, subject)) == 3, CONVERGE_SECONDS) is True
+    before = max(memory_seen_by_others(network, subject))
+    expected_rise = 0.6 * 100 * MEMORY_HOG_BYTES / psutil.virtual_memory().total
+
+    script = f"import time\nblock = b'x' * {MEMORY_HOG_BYTES}\ntime.sleep({BURN_SECONDS})\n"
+    hog = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        raised = wait_for(
+            lambda: min(memory_seen_by_others(network, subject)) >= before + expected_rise,
+            LOAD_SPREAD_SECONDS,
+        )
+        assert raised is True, (before, expected_rise, memory_seen_by_others(network, subject))
+    finally:
+        hog.kill()
+        hog.wait()
