@@ -4,7 +4,8 @@ One process, simulated time, no sockets. Each simulated node owns voxanode's rea
 BroadcastQueue (so each update is sent transmit_limit(retransmit_mult, N) times, least
 sent first) and a real MemberTable (whose merge rules decide whether a received
 announcement is news and gets queued again, as Membership._accept_info does). The
-update is a real signed NodeInfo announcement, so its size is the wire size.
+update is a real signed NodeInfo announcement, so the per-message byte limit applies
+to its real encoded size.
 
 A round is one gossip_interval. In each round every node with queued updates picks
 gossip_fanout distinct random other members. It sends each one message built by
@@ -13,16 +14,17 @@ MAX_PIGGYBACK_BYTES bytes per message) and stops at the first empty take, as
 Membership._gossip_loop does. Messages are delivered at the end of the round; the
 receiver reads at most MAX_UPDATES_ACCEPTED entries of each, as Membership._heard_from
 does. No message is lost. Not modelled: updates riding on probe pings and acks (one
-probe per probe_interval, every 5 rounds with the default timings) and push-pull,
-which both only add paths, so the real protocol spreads an update at least this fast.
+probe per probe_interval, every 5 rounds with the default timings) and push-pull.
+Each of them is one more delivery of the update, so the real protocol is expected to
+spread it no slower. That expectation is not measured here.
 
 For each N the simulation runs --runs times with seeds derived from --seed and prints
-rounds until every node holds the update (mean, p99, max), the runs in which the
+rounds until every node has the update (mean, p99, max), the runs in which the
 update stopped spreading before reaching every node, and the messages sent, next to
-log2(N), log10(N) and ln(N), with a least-squares fit of rounds = a + b * ln(N) and, for contrast, of a
-straight line in N.
+log2(N), log10(N) and ln(N), with a least-squares fit of rounds = a + b * ln(N) and,
+for contrast, of a straight line in N.
 
-    python bench/gossip_sim.py [--sizes 10,30,100,300,1000] [--runs 200] [--seed 1]
+    python bench/gossip_sim.py [--sizes 10,30,100,300,1000] [--runs 500] [--seed 1] [--updates 1]
 """
 
 import argparse
@@ -32,9 +34,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -43,10 +45,10 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from voxanode.identity import Identity  # noqa: E402
-from voxanode.membership.broadcasts import UPDATE_ALIVE, BroadcastQueue, transmit_limit  # noqa: E402
-from voxanode.membership.state import MemberTable, NodeInfo, NodeLoad, sign_node_info  # noqa: E402
-from voxanode.membership.swim import (  # noqa: E402
+from voxanode.identity import Identity
+from voxanode.membership.broadcasts import UPDATE_ALIVE, BroadcastQueue, transmit_limit
+from voxanode.membership.state import MemberTable, NodeInfo, NodeLoad, sign_node_info
+from voxanode.membership.swim import (
     MAX_PIGGYBACK_BYTES,
     MAX_PIGGYBACK_ENTRIES,
     MAX_UPDATES_ACCEPTED,

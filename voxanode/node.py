@@ -38,6 +38,7 @@ PEERS_FILE_NAME = "peers.json"
 PEERS_FILE_VERSION = 1
 MAX_SAVED_PEERS = 64
 BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+LOOP_STOP_GRACE_SECONDS = 0.5
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,9 @@ class Node:
             # The dead node's records need new holders: drop it and republish now.
             self.protocol.router.remove_contact(KademliaNode(member.dht_id))
             self.data.republish_wanted.set()
+        elif change in (Change.JOINED, Change.REJOINED) and self.protocol is not None:
+            host, port = member.info.peer_address
+            self.protocol.welcome_if_new(KademliaNode(member.dht_id, host, port))
         subject = {"node_id": member.node_id}
         address = f"{member.info.api_address[0]}:{member.info.api_address[1]}"
         if change in (Change.JOINED, Change.REJOINED):
@@ -286,7 +290,9 @@ class Node:
         if self.membership is not None:
             await self.membership.stop()
         if self._loops:
-            done, pending = await asyncio.wait(self._loops, timeout=self.settings.shutdown_timeout_seconds)
+            # Background jobs are periodic and safe to cancel at any await: a republish
+            # round waiting on a dead peer must not hold up the shutdown.
+            done, pending = await asyncio.wait(self._loops, timeout=LOOP_STOP_GRACE_SECONDS)
             for task in pending:
                 task.cancel()
             if pending:
@@ -318,23 +324,25 @@ class Node:
     async def _maintain_membership(self) -> None:
         """Join through the bootstrap peers, then refresh the routing table periodically.
 
-        While the routing table is empty (a first node, or every peer gone) this tries
-        the bootstrap and saved peers every `join_retry_seconds`.
+        Every `join_retry_seconds` this checks the routing table: while it is empty (a
+        first node, or every peer gone) it tries the bootstrap and saved peers, and
+        once `refresh_interval_seconds` have passed since the last refresh it runs one.
         """
         settings = self.settings
+        next_refresh = time.monotonic() + settings.refresh_interval_seconds
         while not self._loops_stop.is_set():
             if self.connected_peer_count() == 0:
                 await self._join()
-                delay = settings.join_retry_seconds if self.connected_peer_count() == 0 else 0
             else:
-                await self._refresh()
                 await self._sync_membership_if_alone()
-                delay = settings.refresh_interval_seconds * random.uniform(0.8, 1.2)
-            if delay:
-                try:
-                    await asyncio.wait_for(self._loops_stop.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
+                if time.monotonic() >= next_refresh:
+                    await self._refresh()
+                    delay = settings.refresh_interval_seconds * random.uniform(0.8, 1.2)
+                    next_refresh = time.monotonic() + delay
+            try:
+                await asyncio.wait_for(self._loops_stop.wait(), timeout=settings.join_retry_seconds)
+            except asyncio.TimeoutError:
+                pass
 
     async def _join(self) -> None:
         addresses = await self._resolve_join_addresses()
@@ -345,6 +353,8 @@ class Node:
         if not reached:
             logger.debug("no bootstrap peer responded tried=%d", len(addresses))
             return
+        # Membership first: other nodes list this one as soon as the exchange is done.
+        members = await self.membership.join([(node.ip, node.port) for node in reached])
         crawl = NodeSpiderCrawl(
             self.protocol,
             self.protocol.source_node,
@@ -353,7 +363,6 @@ class Node:
             self.settings.alpha,
         )
         await crawl.find()
-        members = await self.membership.join([(node.ip, node.port) for node in reached])
         logger.info(
             "joined the network through %d bootstrap peers, %d peers known, %d members",
             len(reached),

@@ -614,8 +614,9 @@ class Settings:
         GROUP_TIMERS,
     )
     refresh_interval_seconds: float = _setting(
-        60.0,
-        "time between refreshes of idle Kademlia buckets",
+        3600.0,
+        "time between Kademlia lookups that refresh the routing table; members that"
+        " gossip reports are added to it as they join",
         POSITIVE_SECONDS_RULE,
         GROUP_TIMERS,
     )
@@ -633,7 +634,7 @@ class Settings:
     )
     shutdown_timeout_seconds: float = _setting(
         10.0,
-        "longest graceful stop before remaining tasks are cancelled",
+        "time that API requests in progress get to finish when the node stops",
         POSITIVE_SECONDS_RULE,
         GROUP_TIMERS,
     )

@@ -145,6 +145,7 @@ class FakeNode:
             datagrams_sent=10,
             datagrams_received=20,
             datagrams_dropped={"bad_signature": 2},
+            bytes_sent_by_method={"ping": 600, "find_node": 400},
         )
 
     async def ping_peers(self, limit: int = 3) -> list[FakePingResult]:

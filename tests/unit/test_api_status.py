@@ -128,6 +128,7 @@ async def test_system_status_values(client, node: FakeNode):
         "datagrams_sent": 10,
         "datagrams_received": 20,
         "datagrams_dropped": {"bad_signature": 2},
+        "bytes_sent_by_method": {"ping": 600, "find_node": 400},
     }
     assert reply["applications"] == {
         "total_deployed": 0,

@@ -143,3 +143,31 @@ def test_broadcast_queue_sends_least_sent_first():
 @pytest.mark.parametrize("members, seconds", [(1, 4.0), (8, 4.0), (100, 8.0), (1000, 12.0)])
 def test_suspicion_timeout_scales_with_log10(members, seconds):
     assert suspicion_timeout(SwimConfig(), members) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "current, expected",
+    [
+        (NodeLoad(cpu_percent=14.0, memory_percent=2.0), False),
+        (NodeLoad(cpu_percent=15.0, memory_percent=2.0), True),
+        (NodeLoad(cpu_percent=5.0, memory_percent=6.9), False),
+        (NodeLoad(cpu_percent=5.0, memory_percent=7.0), True),
+        (NodeLoad(cpu_percent=5.0, memory_percent=2.0, active_apps=1), True),
+    ],
+)
+def test_load_changed_thresholds(current, expected):
+    from voxanode.membership.swim import load_changed
+
+    announced = NodeLoad(cpu_percent=5.0, memory_percent=2.0)
+    assert load_changed(announced, current) is expected
+
+
+def test_smooth_load_damps_cpu_spikes():
+    from voxanode.membership.swim import smooth_load
+
+    previous = NodeLoad(cpu_percent=10.0, memory_percent=2.0)
+    spike = NodeLoad(cpu_percent=30.0, memory_percent=3.0, active_apps=1)
+    smoothed = smooth_load(previous, spike)
+    assert smoothed.cpu_percent == pytest.approx(20.0)
+    assert smoothed.memory_percent == 3.0
+    assert smoothed.active_apps == 1

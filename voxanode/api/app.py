@@ -20,8 +20,6 @@ from voxanode.settings import BindError, format_peer_address
 # Bind failures that mean the configured address or port cannot be used, as opposed
 # to a bug or a resource shortage.
 BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
-# Time that requests still in progress get to finish when the server stops.
-SHUTDOWN_TIMEOUT_SECONDS = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ async def start_api(node: ApiNode) -> web.AppRunner:
         create_app(node),
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
     )
     await runner.setup()
     try:

@@ -1,8 +1,8 @@
 """The queue of membership updates waiting to ride on outgoing messages.
 
 Each update is sent a bounded number of times, `retransmit_mult * ceil(log10(N + 1))`
-for N members, the bound SWIM's infection-style dissemination needs to reach every
-member with high probability in O(log N) rounds. The updates sent least often go
+for N members, so that infection-style dissemination reaches every member with high
+probability in O(log N) rounds; bench/gossip_sim.py measures the rounds. The updates sent least often go
 first, and a newer update about a member replaces the queued older one.
 """
 

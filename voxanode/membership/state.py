@@ -5,9 +5,9 @@ addresses, version, capabilities, load and incarnation number. Gossip carries th
 announcements verbatim, so no node can claim another node's address or load. Claims
 that a member is suspect or dead are made by the member's peers and carry only the
 member's id and the incarnation they refer to; the member refutes them by announcing
-a higher incarnation (SWIM, Das, Gupta and Motivala 2002, section 4.2).
+a higher incarnation.
 
-Order of precedence for one member, as in SWIM's suspicion mechanism:
+Order of precedence for one member, following SWIM's suspicion mechanism:
 - an announcement with a higher incarnation replaces everything older;
 - at equal incarnation, suspect overrides online and dead overrides both;
 - an announcement with `leaving` set marks the member as left at that incarnation.

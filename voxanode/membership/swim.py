@@ -3,10 +3,10 @@
 Every `probe_interval` this node probes one member, taking members in a shuffled
 round-robin order: a direct `swim_ping`, and when no ack comes within
 `probe_timeout`, `swim_ping_req` through `indirect_checks` other members. A member
-that answers neither becomes suspect; unless it refutes the suspicion with a higher
-incarnation within the suspicion timeout, it is declared offline (SWIM, Das, Gupta
-and Motivala 2002, sections 3 and 4). The timeout grows with log10 of the member
-count, as in HashiCorp memberlist: `suspicion_mult * max(1, log10(N)) * probe_interval`.
+that acknowledges neither becomes suspect. Unless it refutes the suspicion with a
+higher incarnation within the suspicion timeout, it is declared offline. The timeout
+grows with log10 of the member count: `suspicion_mult * max(1, log10(N)) *
+probe_interval`.
 
 Updates ride on every probe and ack, and a gossip round every `gossip_interval`
 sends queued updates one-way to `gossip_fanout` random members. A push-pull every
@@ -20,6 +20,7 @@ its sender; announcements are also signed by the node they describe (see `state`
 import asyncio
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -50,11 +51,21 @@ from voxanode.peer.protocol import PeerProtocol, PeerRequestError, peer_label
 # around it and room for the sealing and chunk overheads.
 MAX_PIGGYBACK_BYTES = 3000
 MAX_PIGGYBACK_ENTRIES = 10
-# Bytes of member entries per push-pull page.
-SYNC_PAGE_BYTES = 5500
+# Digest entries per push-pull page (about 45 bytes each) and signed announcements
+# (at most 1 KiB each, about 270 in practice) per pull or push message.
+DIGEST_PAGE_ENTRIES = 120
+PULL_BATCH = 6
 MAX_SYNC_PAGES = 64
 # Members mentioned in one message that this node checks; a larger list is cut.
 MAX_UPDATES_ACCEPTED = 64
+# A load announcement is sent when CPU or memory use moved this many percentage
+# points from the last one, or the number of apps changed; apart from app changes, at
+# most once per this many load samples.
+LOAD_CPU_CHANGE_PERCENT = 10.0
+LOAD_MEMORY_CHANGE_PERCENT = 5.0
+LOAD_ANNOUNCE_MIN_INTERVALS = 3
+# Weight of a new CPU sample in the moving average that announcements carry.
+LOAD_SMOOTHING = 0.5
 STATUS_CODES = {
     MemberStatus.ONLINE: 0,
     MemberStatus.SUSPECT: 1,
@@ -80,6 +91,25 @@ class SwimConfig:
     load_interval_seconds: float = 5.0
     forget_after_seconds: float = 3600.0
     leave_wait_seconds: float = 1.0
+
+
+def load_changed(announced: NodeLoad, current: NodeLoad) -> bool:
+    """Return whether the load moved enough from the announced one to announce it again."""
+    return (
+        abs(current.cpu_percent - announced.cpu_percent) >= LOAD_CPU_CHANGE_PERCENT
+        or abs(current.memory_percent - announced.memory_percent) >= LOAD_MEMORY_CHANGE_PERCENT
+        or current.active_apps != announced.active_apps
+    )
+
+
+def smooth_load(previous: NodeLoad, sample: NodeLoad) -> NodeLoad:
+    """Return an exponential moving average of CPU use, so short spikes announce nothing.
+
+    Memory use and the app count are taken as sampled.
+    """
+    cpu = LOAD_SMOOTHING * sample.cpu_percent + (1 - LOAD_SMOOTHING) * previous.cpu_percent
+    cores = os.cpu_count() or 1
+    return replace(sample, cpu_percent=cpu, cpu_free_cores=max(0.0, cores * (1 - cpu / 100)))
 
 
 def suspicion_timeout(config: SwimConfig, member_count: int) -> float:
@@ -121,7 +151,9 @@ class Membership:
             ("swim_ping", self.rpc_swim_ping),
             ("swim_ping_req", self.rpc_swim_ping_req),
             ("swim_gossip", self.rpc_swim_gossip),
-            ("swim_sync", self.rpc_swim_sync),
+            ("swim_digest", self.rpc_swim_digest),
+            ("swim_pull", self.rpc_swim_pull),
+            ("swim_push", self.rpc_swim_push),
         ):
             protocol.register_handler(method, handler)
 
@@ -184,7 +216,7 @@ class Membership:
     # -- joining and push-pull -------------------------------------------------------
 
     async def join(self, addresses: list[tuple[str, int]]) -> int:
-        """Exchange member lists with each address; return how many answered."""
+        """Exchange member lists with each address; return how many responded."""
         answered = 0
         for address in addresses:
             if await self._sync_with(address, None):
@@ -202,54 +234,98 @@ class Membership:
             await self._sleep(self.config.push_pull_interval_seconds * random.uniform(0.9, 1.1))
 
     async def _sync_with(self, address: tuple[str, int], peer_id: bytes | None) -> bool:
-        """Send this node's member list page by page and merge the peer's pages."""
-        own_pages = self._state_pages()
+        """Exchange member digests with a peer, then the announcements either lacks.
+
+        A digest entry is `[id, incarnation, sequence, status, status incarnation]`,
+        about 45 bytes against about 270 for a signed announcement, so a push-pull
+        between two nodes that agree moves only the digests.
+        """
+        own_pages = self._digest_pages()
+        wanted_from_peer: list[bytes] = []
         page = 0
         total = len(own_pages)
         while page < min(max(total, len(own_pages)), MAX_SYNC_PAGES):
             mine = own_pages[page] if page < len(own_pages) else []
             ok, result, responder = await self.protocol.call(
-                address, "swim_sync", [page, len(own_pages), mine], peer_id
+                address, "swim_digest", [page, len(own_pages), mine], peer_id
             )
-            if not ok or not isinstance(result, list) or len(result) != 2:
+            if not ok or not isinstance(result, list) or len(result) != 3:
                 logger.debug("push-pull failed with=%s page=%d", peer_label(address), page)
                 return False
-            their_total, entries = result
-            if not isinstance(their_total, int) or not isinstance(entries, list):
+            their_total, their_digest, wanted_by_peer = result
+            if not isinstance(their_total, int) or not isinstance(their_digest, list):
                 return False
+            peer_id = peer_id or responder
             total = min(their_total, MAX_SYNC_PAGES)
-            self._merge_state(entries)
+            wanted_from_peer += self._compare_digest(their_digest, time.time())
+            if isinstance(wanted_by_peer, list):
+                await self._push_entries(address, peer_id, wanted_by_peer)
             page += 1
+
+        for start in range(0, len(wanted_from_peer), PULL_BATCH):
+            batch = wanted_from_peer[start : start + PULL_BATCH]
+            ok, entries, _ = await self.protocol.call(address, "swim_pull", [batch], peer_id)
+            if not ok or not isinstance(entries, list):
+                return False
+            self._merge_entries(entries)
         return True
 
-    def _state_pages(self) -> list[list]:
-        pages: list[list] = [[]]
-        used = 0
-        for member in self.table.members.values():
-            entry = [
-                member.info.encoded,
+    async def _push_entries(self, address: tuple, peer_id: bytes | None, ids: list) -> None:
+        entries = [self._full_entry(dht_id) for dht_id in ids[:MAX_UPDATES_ACCEPTED * 4]]
+        entries = [entry for entry in entries if entry is not None]
+        for start in range(0, len(entries), PULL_BATCH):
+            await self.protocol.call(
+                address, "swim_push", [entries[start : start + PULL_BATCH]], peer_id
+            )
+
+    def _digest_pages(self) -> list[list]:
+        digest = [
+            [
+                member.dht_id,
+                member.info.incarnation,
+                member.info.sequence,
                 STATUS_CODES[member.status],
                 member.status_incarnation,
             ]
-            size = len(member.info.encoded) + 16
-            if used + size > SYNC_PAGE_BYTES and pages[-1]:
-                pages.append([])
-                used = 0
-            pages[-1].append(entry)
-            used += size
-        return pages
+            for member in self.table.members.values()
+        ]
+        pages = [digest[i : i + DIGEST_PAGE_ENTRIES] for i in range(0, len(digest), DIGEST_PAGE_ENTRIES)]
+        return pages or [[]]
 
-    def _merge_state(self, entries: list) -> None:
+    def _compare_digest(self, digest: list, now: float) -> list[bytes]:
+        """Take suspicions from a peer's digest; return ids whose announcement is newer there."""
+        wanted = []
+        for entry in digest[: DIGEST_PAGE_ENTRIES]:
+            if not isinstance(entry, list) or len(entry) != 5:
+                continue
+            dht_id, incarnation, sequence, status, status_incarnation = entry
+            if not isinstance(dht_id, bytes) or not all(
+                isinstance(number, int) for number in (incarnation, sequence, status_incarnation)
+            ):
+                continue
+            if self.table.is_news(dht_id, incarnation, sequence):
+                wanted.append(dht_id)
+            # Another node's verdict of offline is taken as a suspicion here, so this
+            # node runs its own suspicion timeout before it agrees.
+            elif status in (STATUS_CODES[MemberStatus.SUSPECT], STATUS_CODES[MemberStatus.OFFLINE]):
+                self._suspect(dht_id, status_incarnation, now)
+        return wanted
+
+    def _full_entry(self, dht_id: Any) -> list | None:
+        member = self.table.get(dht_id) if isinstance(dht_id, bytes) else None
+        if member is None:
+            return None
+        return [member.info.encoded, STATUS_CODES[member.status], member.status_incarnation]
+
+    def _merge_entries(self, entries: list) -> None:
         now = time.time()
-        for entry in entries[:MAX_UPDATES_ACCEPTED * 4]:
+        for entry in entries[: MAX_UPDATES_ACCEPTED * 4]:
             if not isinstance(entry, list) or len(entry) != 3:
                 continue
             info = self._accept_info(entry[0], now)
             status, incarnation = entry[1], entry[2]
             if info is None or not isinstance(incarnation, int):
                 continue
-            # Another node's verdict of offline is taken as a suspicion here, so this
-            # node runs its own suspicion timeout before it agrees.
             if status in (STATUS_CODES[MemberStatus.SUSPECT], STATUS_CODES[MemberStatus.OFFLINE]):
                 self._suspect(info.dht_id, incarnation, now)
 
@@ -274,16 +350,29 @@ class Membership:
     def rpc_swim_gossip(self, sender: tuple, sender_id: bytes, updates: Any) -> None:
         self._heard_from(sender_id, updates)
 
-    def rpc_swim_sync(
-        self, sender: tuple, sender_id: bytes, page: Any, their_total: Any, entries: Any
+    def rpc_swim_digest(
+        self, sender: tuple, sender_id: bytes, page: Any, their_total: Any, digest: Any
     ) -> list:
-        if not isinstance(page, int) or not isinstance(entries, list):
-            raise PeerRequestError("sync needs a page number and a list of entries")
-        self.table.touch(sender_id, time.time())
-        self._merge_state(entries)
-        own_pages = self._state_pages()
+        if not isinstance(page, int) or not isinstance(digest, list):
+            raise PeerRequestError("a digest needs a page number and a list of entries")
+        now = time.time()
+        self.table.touch(sender_id, now)
+        wanted = self._compare_digest(digest, now)
+        own_pages = self._digest_pages()
         mine = own_pages[page] if 0 <= page < len(own_pages) else []
-        return [len(own_pages), mine]
+        return [len(own_pages), mine, wanted]
+
+    def rpc_swim_pull(self, sender: tuple, sender_id: bytes, ids: Any) -> list:
+        if not isinstance(ids, list):
+            raise PeerRequestError("a pull needs a list of node ids")
+        entries = [self._full_entry(dht_id) for dht_id in ids[:PULL_BATCH]]
+        return [entry for entry in entries if entry is not None]
+
+    def rpc_swim_push(self, sender: tuple, sender_id: bytes, entries: Any) -> bool:
+        if not isinstance(entries, list):
+            raise PeerRequestError("a push needs a list of entries")
+        self._merge_entries(entries[:PULL_BATCH])
+        return True
 
     # -- probing ---------------------------------------------------------------------
 
@@ -368,7 +457,7 @@ class Membership:
             return
         member = self.table.get(dht_id)
         self.broadcasts.add(dht_id, [UPDATE_SUSPECT, dht_id, incarnation], 40)
-        timeout = suspicion_timeout(self.config, len(self.table))
+        timeout = suspicion_timeout(self.config, len(self.table.reachable_others()) + 1)
         logger.info("member suspect node=%s timeout=%.1fs", member.node_id, timeout)
         self._notify_change(member, change)
         handle = asyncio.get_running_loop().call_later(
@@ -401,8 +490,12 @@ class Membership:
         self._notify_change(member, change)
 
     def _refute(self, incarnation: int) -> None:
-        """Answer a suspicion about this node with a higher incarnation."""
-        if self._own.leaving:
+        """Refute a suspicion about this node by announcing a higher incarnation.
+
+        A claim about an older incarnation, such as one about an earlier run of this
+        node, is already refuted by the current announcement.
+        """
+        if self._own.leaving or incarnation < self._own.incarnation:
             return
         new_incarnation = max(self._own.incarnation, incarnation) + 1
         self._own = sign_node_info(self.identity, replace(self._own, incarnation=new_incarnation))
@@ -451,7 +544,8 @@ class Membership:
             return None
         if info.dht_id == self.table.own_id:
             if info.order > self._own.order:
-                # A copy of an older run of this node: announce a newer incarnation.
+                # Peers hold an announcement of this node newer than its own, left
+                # from an earlier run: announce a higher incarnation.
                 self._refute(info.incarnation)
             return info
         change = self.table.apply_info(info, now)
@@ -505,20 +599,27 @@ class Membership:
                 self._notify(member, updates)
 
     async def _load_loop(self) -> None:
-        """Sample the load and announce it when it changed noticeably or grew stale."""
-        last_sent = time.monotonic()
+        """Sample the load and announce it when it moved noticeably.
+
+        Every announcement is forwarded by every member, so an idle node announces
+        nothing, and a busy one at most once per `LOAD_ANNOUNCE_MIN_INTERVALS` samples.
+        """
+        # The load announced at start comes from psutil's first CPU reading, which is
+        # always 0, so the first real sample may be announced at once.
+        last_sent = -math.inf
+        smoothed: NodeLoad | None = None
         while not self._stop.is_set():
             await self._sleep(self.config.load_interval_seconds)
-            load = self.sample_load()
-            previous = self._own.load
-            changed = (
-                abs(load.cpu_percent - previous.cpu_percent) >= 5
-                or abs(load.memory_percent - previous.memory_percent) >= 2
-                or load.active_apps != previous.active_apps
-            )
-            if changed or time.monotonic() - last_sent > 6 * self.config.load_interval_seconds:
-                self.update_own(load=load)
-                last_sent = time.monotonic()
+            sample = self.sample_load()
+            load = sample if smoothed is None else smooth_load(smoothed, sample)
+            smoothed = load
+            if not load_changed(self._own.load, load):
+                continue
+            spacing = LOAD_ANNOUNCE_MIN_INTERVALS * self.config.load_interval_seconds
+            if time.monotonic() - last_sent < spacing and load.active_apps == self._own.load.active_apps:
+                continue
+            self.update_own(load=load)
+            last_sent = time.monotonic()
 
     def update_own(self, **changes: Any) -> None:
         """Announce a change of this node's own details (load, capabilities)."""

@@ -59,6 +59,7 @@ MAX_SESSIONS = 10_000
 # because their requests are unauthenticated.
 SESSION_RESETS_PER_SECOND = 50
 SESSION_EXPIRED = "session_expired"
+QUIET_DROP_REASONS = frozenset({DropReason.OWN_MESSAGE, DropReason.UNEXPECTED_RESPONSE})
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class PeerStats:
     datagrams_sent: int
     datagrams_received: int
     datagrams_dropped: dict[str, int]
+    bytes_sent_by_method: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,6 +210,8 @@ class PeerProtocol(KademliaProtocol):
         self.datagrams_sent = 0
         self.datagrams_received = 0
         self.dropped: Counter[str] = Counter()
+        # Requests and their responses both count under the request's method.
+        self.bytes_sent_by_method: Counter[str] = Counter()
         self._dropped_reported: Counter[str] = Counter()
         self._next_drop_warning = 0.0
         self._peers_seen: set[bytes] = set()
@@ -344,27 +348,33 @@ class PeerProtocol(KademliaProtocol):
             [False, SESSION_EXPIRED],
             self.max_datagram_bytes,
         )
-        self._send(reply, addr)
+        self._send(reply, addr, "session_expired")
 
-    def _send(self, datagram: bytes, address: tuple) -> None:
+    def _send(self, datagram: bytes, address: tuple, method: str) -> None:
+        """Seal and send a datagram; `method` names the RPC it belongs to in the counters."""
         if self.transport is None or self.transport.is_closing():
             return
         datagram = self.keyring.seal(datagram)
         self.transport.sendto(datagram, address)
         self.bytes_sent += len(datagram)
         self.datagrams_sent += 1
+        self.bytes_sent_by_method[method] += len(datagram)
 
     def _drop(self, reason: DropReason, addr: tuple, detail: str = "") -> None:
         """Count a dropped datagram; log it at DEBUG and a summary WARNING at most once a minute."""
         self.dropped[reason.value] += 1
         logger.debug("dropped datagram from=%s reason=%s", peer_label(addr), detail or reason.value)
         now = time.monotonic()
-        if reason is DropReason.OWN_MESSAGE or now < self._next_drop_warning:
+        # Late replies to calls that timed out are normal under load: counted only.
+        if reason in QUIET_DROP_REASONS or now < self._next_drop_warning:
             return
         self._next_drop_warning = now + DROP_WARNING_INTERVAL_SECONDS
         new = self.dropped - self._dropped_reported
         self._dropped_reported = self.dropped.copy()
-        summary = ", ".join(f"{name}={count}" for name, count in sorted(new.items()))
+        quiet = {reason.value for reason in QUIET_DROP_REASONS}
+        summary = ", ".join(
+            f"{name}={count}" for name, count in sorted(new.items()) if name not in quiet
+        )
         logger.warning(
             "dropped invalid peer datagrams since last report: %s (latest from=%s)",
             summary,
@@ -447,7 +457,7 @@ class PeerProtocol(KademliaProtocol):
                 error,
             )
             return
-        self._send(datagram, addr)
+        self._send(datagram, addr, frame.method)
 
     # -- responses and calls -------------------------------------------------------
 
@@ -487,7 +497,7 @@ class PeerProtocol(KademliaProtocol):
     def notify(self, address: tuple, method: str, args: list, peer_id: bytes) -> None:
         """Send a one-way message to a known peer; nothing comes back."""
         datagram = self._encode(peer_id, KIND_NOTIFY, os.urandom(MSG_ID_BYTES), method, args)
-        self._send(datagram, address)
+        self._send(datagram, address, method)
 
     async def call(
         self,
@@ -525,7 +535,7 @@ class PeerProtocol(KademliaProtocol):
         timer = loop.call_later(timeout or self._wait_timeout, self._expire_call, msg_id)
         self._outstanding[msg_id] = (future, timer, address, expected_id)
         logger.debug("calling method=%s to=%s", method, peer_label(address))
-        self._send(datagram, address)
+        self._send(datagram, address, method)
         try:
             return await future
         finally:
@@ -811,6 +821,7 @@ class PeerProtocol(KademliaProtocol):
             datagrams_sent=self.datagrams_sent,
             datagrams_received=self.datagrams_received,
             datagrams_dropped=dict(self.dropped),
+            bytes_sent_by_method=dict(self.bytes_sent_by_method),
         )
 
     async def close(self, timeout: float = 2.0) -> None:

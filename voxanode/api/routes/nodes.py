@@ -68,5 +68,6 @@ def _describe(member: Member, own_node_id: str) -> dict:
         "last_seen": isoformat_utc(member.last_seen),
         "version": info.version,
         "incarnation": info.incarnation,
+        "sequence": info.sequence,
         "is_self": member.node_id == own_node_id,
     }

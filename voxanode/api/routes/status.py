@@ -83,6 +83,7 @@ async def system_status(request: web.Request) -> web.Response:
                 "datagrams_sent": peers.datagrams_sent,
                 "datagrams_received": peers.datagrams_received,
                 "datagrams_dropped": dict(peers.datagrams_dropped),
+                "bytes_sent_by_method": dict(getattr(peers, "bytes_sent_by_method", {})),
             },
             "applications": _application_counts(node),
         }
