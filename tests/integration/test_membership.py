@@ -147,15 +147,24 @@ def test_healthy_network_has_no_false_suspicions(network):
         assert set(member_view(node).values()) == {"online"}
 
 
-def cpu_seen_by_others(network, subject_id) -> list[float]:
+def load_seen_by_others(network, subject_id, field: str) -> list[float]:
+    """Return the `field` of the subject's load as every other node lists it."""
     values = []
     for node in network.nodes:
         status, body, _ = api_get(node.api_url, "/data/discover_nodes/")
         assert status == 200, body
         for entry in body["nodes"]:
             if entry["node_id"] == subject_id and not entry["is_self"]:
-                values.append(entry["load"]["cpu_percent"])
+                values.append(entry["load"][field])
     return values
+
+
+def cpu_seen_by_others(network, subject_id) -> list[float]:
+    return load_seen_by_others(network, subject_id, "cpu_percent")
+
+
+def memory_seen_by_others(network, subject_id) -> list[float]:
+    return load_seen_by_others(network, subject_id, "memory_percent")
 
 
 def test_cpu_load_spreads_to_other_nodes(devnet_factory):
@@ -185,17 +194,6 @@ def test_cpu_load_spreads_to_other_nodes(devnet_factory):
 
 
 MEMORY_HOG_BYTES = 2 * 1024**3
-
-
-def memory_seen_by_others(network, subject_id) -> list[float]:
-    values = []
-    for node in network.nodes:
-        status, body, _ = api_get(node.api_url, "/data/discover_nodes/")
-        assert status == 200, body
-        for entry in body["nodes"]:
-            if entry["node_id"] == subject_id and not entry["is_self"]:
-                values.append(entry["load"]["memory_percent"])
-    return values
 
 
 def test_memory_load_spreads_to_other_nodes(devnet_factory):
