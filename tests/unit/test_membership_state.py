@@ -148,8 +148,8 @@ def test_suspicion_timeout_scales_with_log10(members, seconds):
 @pytest.mark.parametrize(
     "current, expected",
     [
-        (NodeLoad(cpu_percent=14.0, memory_percent=2.0), False),
-        (NodeLoad(cpu_percent=15.0, memory_percent=2.0), True),
+        (NodeLoad(cpu_percent=24.0, memory_percent=2.0), False),
+        (NodeLoad(cpu_percent=25.0, memory_percent=2.0), True),
         (NodeLoad(cpu_percent=5.0, memory_percent=6.9), False),
         (NodeLoad(cpu_percent=5.0, memory_percent=7.0), True),
         (NodeLoad(cpu_percent=5.0, memory_percent=2.0, active_apps=1), True),
@@ -171,3 +171,12 @@ def test_smooth_load_damps_cpu_spikes():
     assert smoothed.cpu_percent == pytest.approx(20.0)
     assert smoothed.memory_percent == 3.0
     assert smoothed.active_apps == 1
+
+
+def test_broadcast_queue_scaled_limit():
+    queue = BroadcastQueue(retransmit_mult=4)
+    queue.add(b"load", ["load"], 1, limit_scale=0.25)
+    # 30 members: the full limit is 8 sends, a quarter of it 2.
+    assert queue.take(30, 1, 100) == [["load"]]
+    assert queue.take(30, 1, 100) == [["load"]]
+    assert queue.take(30, 1, 100) == []

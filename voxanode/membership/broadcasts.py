@@ -1,8 +1,8 @@
 """The queue of membership updates waiting to ride on outgoing messages.
 
 Each update is sent a bounded number of times, `retransmit_mult * ceil(log10(N + 1))`
-for N members, so that infection-style dissemination reaches every member with high
-probability in O(log N) rounds; bench/gossip_sim.py measures the rounds. The updates sent least often go
+for N members. With that bound, infection-style dissemination reaches every member
+with high probability in O(log N) rounds, which bench/gossip_sim.py measures. The updates sent least often go
 first, and a newer update about a member replaces the queued older one.
 """
 
@@ -21,6 +21,7 @@ class _Queued:
     size_bytes: int
     transmits: int
     order: int
+    limit_scale: float
 
 
 def transmit_limit(retransmit_mult: int, member_count: int) -> int:
@@ -39,10 +40,16 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._queued)
 
-    def add(self, subject_id: bytes, entry: list, size_bytes: int) -> None:
-        """Queue an update about `subject_id`, replacing any queued one about it."""
+    def add(
+        self, subject_id: bytes, entry: list, size_bytes: int, limit_scale: float = 1.0
+    ) -> None:
+        """Queue an update about `subject_id`, replacing any queued one about it.
+
+        `limit_scale` below 1 sends the update fewer times than `transmit_limit`, for
+        news that may spread more slowly (load figures, as opposed to membership).
+        """
         self._counter += 1
-        self._queued[subject_id] = _Queued(entry, size_bytes, 0, self._counter)
+        self._queued[subject_id] = _Queued(entry, size_bytes, 0, self._counter, limit_scale)
 
     def take(self, member_count: int, max_entries: int, max_bytes: int) -> list[list]:
         """Return updates for one message and count them as sent once more."""
@@ -62,6 +69,6 @@ class BroadcastQueue:
             chosen.append(queued.entry)
             used += queued.size_bytes
             queued.transmits += 1
-            if queued.transmits >= limit:
+            if queued.transmits >= max(1, math.ceil(limit * queued.limit_scale)):
                 del self._queued[subject_id]
         return chosen

@@ -61,9 +61,11 @@ MAX_UPDATES_ACCEPTED = 64
 # A load announcement is sent when CPU or memory use moved this many percentage
 # points from the last one, or the number of apps changed; apart from app changes, at
 # most once per this many load samples.
-LOAD_CPU_CHANGE_PERCENT = 10.0
+LOAD_CPU_CHANGE_PERCENT = 20.0
 LOAD_MEMORY_CHANGE_PERCENT = 5.0
-LOAD_ANNOUNCE_MIN_INTERVALS = 3
+LOAD_ANNOUNCE_MIN_INTERVALS = 4
+# Share of `transmit_limit` for which a member relays another node's load update.
+RELAYED_LOAD_LIMIT_SCALE = 0.25
 # Weight of a new CPU sample in the moving average that announcements carry.
 LOAD_SMOOTHING = 0.5
 STATUS_CODES = {
@@ -551,7 +553,12 @@ class Membership:
         change = self.table.apply_info(info, now)
         if change is None:
             return info
-        self.broadcasts.add(info.dht_id, [UPDATE_ALIVE, info.encoded], len(info.encoded) + 8)
+        # A load change is forwarded fewer times than a membership change: it is
+        # news about figures, and push-pull digests repair what it misses.
+        scale = RELAYED_LOAD_LIMIT_SCALE if change is Change.UPDATED else 1.0
+        self.broadcasts.add(
+            info.dht_id, [UPDATE_ALIVE, info.encoded], len(info.encoded) + 8, scale
+        )
         suspicion = self._suspicions.pop(info.dht_id, None)
         member = self.table.get(info.dht_id)
         if suspicion is not None and member.status is not MemberStatus.SUSPECT:

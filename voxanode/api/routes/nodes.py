@@ -1,4 +1,4 @@
-"""The discovery route: `GET /data/discover_nodes/`, the members this node knows of.
+"""The discovery route: `GET /data/discover_nodes/`, the members in this node's view.
 
 Optional query filters: `status` (online, suspect, offline, left) and `capability`.
 The reply lists every member of the local member view, this node included, with the
