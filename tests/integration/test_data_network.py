@@ -14,7 +14,8 @@ from voxanode.dht.records import dht_key_for
 
 NODES = 5
 # Republish runs every 2 s in the fast test settings and an RPC times out after 1 s,
-# so a lost copy is back within about two rounds; this leaves room for a slow machine.
+# so a lost copy is back within about two rounds. The bound leaves room for a slow
+# machine.
 REREPLICATION_BOUND_SECONDS = 20
 MAX_VALUE_BYTES = 65536
 

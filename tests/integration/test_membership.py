@@ -177,8 +177,8 @@ def test_cpu_load_spreads_to_other_nodes(devnet_factory):
     network = devnet_factory(4, extra_args=["--load-interval-seconds", "2"])
     subject = network.nodes[1].fetch_node_id()
     assert wait_for(lambda: len(cpu_seen_by_others(network, subject)) == 3, CONVERGE_SECONDS) is True
-    # The burn keeps every core busy, so whatever the load before, each sample taken
-    # during it is above 60 percent; the memory test below checks a rise instead.
+    # The burn keeps every core busy, so each sample taken during it is above 60
+    # percent whatever the load before. The memory test below checks a rise instead.
     script = f"import time\nend = time.monotonic() + {BURN_SECONDS}\nwhile time.monotonic() < end: pass\n"
     burners = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(os.cpu_count() or 1)]
     try:

@@ -78,7 +78,7 @@ def test_node_survives_garbage_datagrams(pair):
         peer.send_raw(datagram)
         time.sleep(0.0005)
 
-    # A valid ping still gets a signed answer from the node's own key.
+    # A valid ping still gets a reply signed with the node's own key.
     reply = peer.call("ping", [])
     assert reply is not None
     assert reply.payload[0] is True

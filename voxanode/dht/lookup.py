@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LookupResult:
-    """What a record lookup found: the newest version and who holds what."""
+    """The result of a record lookup: the newest version and which nodes have it."""
 
     newest: Record | None = None
     newest_envelope: bytes | None = None
@@ -66,7 +66,7 @@ class RecordLookup(SpiderCrawl):
             self._consider(self._self_node.id, *local)
 
     async def find(self) -> LookupResult:
-        """Crawl until the closest holders have answered; return what was found."""
+        """Crawl until the closest nodes have replied; return what was found."""
         if len(self.nearest) == 0:
             return self._finish()
         return await self._find(self.protocol.call_find_value)

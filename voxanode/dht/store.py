@@ -177,7 +177,7 @@ class RecordStore:
         ).fetchone()[0]
 
     def check(self) -> None:
-        """Raise sqlite3.Error if the database does not answer a query."""
+        """Raise sqlite3.Error if a query on the database fails."""
         self.db.execute("SELECT 1").fetchone()
 
     def _decode_row(self, dht_key: bytes, envelope: bytes) -> StoredRecord | None:

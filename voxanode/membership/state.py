@@ -3,8 +3,8 @@
 Each node announces itself with a `NodeInfo` that it signs with its own key: its
 addresses, version, capabilities, load and incarnation number. Gossip carries these
 announcements verbatim, so no node can claim another node's address or load. Claims
-that a member is suspect or dead are made by the member's peers and carry only the
-member's id and the incarnation they refer to; the member refutes them by announcing
+that a member is suspect or dead come from the member's peers and carry only the
+member's id and the incarnation they refer to. The member refutes them by announcing
 a higher incarnation.
 
 Order of precedence for one member, following SWIM's suspicion mechanism:
@@ -36,7 +36,7 @@ MAX_TEXT_CHARS = 64
 
 
 class MemberStatus(str, enum.Enum):
-    """A member's state as this node sees it; the values are what the API shows."""
+    """A member's status in this node's view; the values appear in the API."""
 
     ONLINE = "online"
     SUSPECT = "suspect"
@@ -209,7 +209,7 @@ def decode_node_info(data: bytes) -> NodeInfo:
 
 
 class Change(str, enum.Enum):
-    """What a merge changed about a member, for events and logs."""
+    """The kind of change a merge made to a member, for events and logs."""
 
     JOINED = "joined"
     REJOINED = "rejoined"
@@ -221,7 +221,7 @@ class Change(str, enum.Enum):
 
 @dataclass
 class Member:
-    """One node as this node sees it."""
+    """One node in this node's member view."""
 
     info: NodeInfo
     status: MemberStatus
@@ -245,7 +245,7 @@ class Member:
 
 
 class MemberTable:
-    """Every member this node knows of, itself included, merged by SWIM's rules."""
+    """The members in this node's view, itself included, merged by SWIM's rules."""
 
     def __init__(self, own_id: bytes):
         self.own_id = own_id
@@ -290,7 +290,7 @@ class MemberTable:
             # A higher incarnation refutes any suspicion or failure claim.
             status = MemberStatus.ONLINE
         else:
-            # Same incarnation: the load and details change, a suspicion stands.
+            # Same incarnation: the load and details change, a suspicion remains.
             status = previous
         if status is not previous or info.incarnation > member.status_incarnation:
             member.status_incarnation = info.incarnation
@@ -336,14 +336,10 @@ class MemberTable:
 
     def forget_older_than(self, cutoff: float) -> list[Member]:
         """Drop offline and left members whose status is older than `cutoff`."""
-        gone = [
-            m
-            for m in self.others()
-            if not m.reachable and m.status_since < cutoff
-        ]
-        for member in gone:
+        forgotten = [m for m in self.others() if not m.reachable and m.status_since < cutoff]
+        for member in forgotten:
             del self.members[member.dht_id]
-        return gone
+        return forgotten
 
 
 def monotonic_incarnation() -> int:

@@ -59,8 +59,8 @@ MAX_SYNC_PAGES = 64
 # Members mentioned in one message that this node checks; a larger list is cut.
 MAX_UPDATES_ACCEPTED = 64
 # A load announcement is sent when CPU or memory use moved this many percentage
-# points from the last one, or the number of apps changed; apart from app changes, at
-# most once per this many load samples.
+# points from the last one, or when the number of apps changed. Apart from app
+# changes, announcements come at most once per this many load samples.
 LOAD_CPU_CHANGE_PERCENT = 20.0
 LOAD_MEMORY_CHANGE_PERCENT = 5.0
 LOAD_ANNOUNCE_MIN_INTERVALS = 4
@@ -538,37 +538,44 @@ class Membership:
         known = self._known_info(encoded)
         if known is not None:
             return known
+
         try:
             info = decode_node_info(encoded)
         except InfoError as error:
             self.rejected_updates += 1
             logger.debug("rejected member announcement: %s", error)
             return None
+
         if info.dht_id == self.table.own_id:
             if info.order > self._own.order:
-                # Peers hold an announcement of this node newer than its own, left
+                # Peers have an announcement of this node newer than its own, left
                 # from an earlier run: announce a higher incarnation.
                 self._refute(info.incarnation)
             return info
+
         change = self.table.apply_info(info, now)
         if change is None:
             return info
+
         # A load change is forwarded fewer times than a membership change: it is
         # news about figures, and push-pull digests repair what it misses.
         scale = RELAYED_LOAD_LIMIT_SCALE if change is Change.UPDATED else 1.0
         self.broadcasts.add(
             info.dht_id, [UPDATE_ALIVE, info.encoded], len(info.encoded) + 8, scale
         )
-        suspicion = self._suspicions.pop(info.dht_id, None)
-        member = self.table.get(info.dht_id)
-        if suspicion is not None and member.status is not MemberStatus.SUSPECT:
-            suspicion.cancel()
-        elif suspicion is not None:
-            self._suspicions[info.dht_id] = suspicion
+        self._settle_suspicion(info.dht_id)
         if change is not Change.UPDATED:
             logger.info("member %s node=%s at=%s", change.value, info.node_id, peer_label(info.peer_address))
-        self._notify_change(member, change)
+        self._notify_change(self.table.get(info.dht_id), change)
         return info
+
+    def _settle_suspicion(self, dht_id: bytes) -> None:
+        """Cancel the suspicion timer of a member that is no longer suspect."""
+        member = self.table.get(dht_id)
+        if member is not None and member.status is not MemberStatus.SUSPECT:
+            timer = self._suspicions.pop(dht_id, None)
+            if timer is not None:
+                timer.cancel()
 
     def _known_info(self, encoded: bytes) -> NodeInfo | None:
         # Most announcements arrive many times: skip the signature check for a copy of

@@ -68,7 +68,7 @@ MIN_FRAME_BYTES = MAGIC_BYTES + 8 + SESSION_TAG_BYTES
 
 
 class DropReason(str, enum.Enum):
-    """Why an incoming datagram was dropped; the values label the drop counters."""
+    """The reason an incoming datagram was dropped; the values label the drop counters."""
 
     OVERSIZED = "oversized"
     TRUNCATED = "truncated"
@@ -88,7 +88,7 @@ class DropReason(str, enum.Enum):
 
 
 class FrameError(ValueError):
-    """A datagram that cannot be accepted; `reason` says which check failed."""
+    """A datagram that cannot be accepted; `reason` names the check that failed."""
 
     def __init__(self, reason: DropReason, detail: str = "", sender_id: bytes | None = None):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
@@ -302,8 +302,8 @@ def _decode_session(
 def peek_request_id(datagram: bytes, max_datagram_bytes: int) -> bytes | None:
     """Return the message id of a session request without authenticating it.
 
-    Used only to address a signed "session expired" answer to a sender whose session
-    frame could not be checked; nothing else from the datagram is trusted.
+    Used only to address a signed "session expired" reply to a sender whose session
+    frame could not be checked. Nothing else from the datagram is trusted.
     """
     try:
         fields = msgpack.unpackb(

@@ -1,11 +1,11 @@
-"""The peer protocol: Kademlia RPCs over signed UDP datagrams.
+"""The peer protocol: Kademlia RPCs over authenticated UDP datagrams.
 
-`PeerProtocol` subclasses the `kademlia` package's protocol so its routing table and
-node lookups work unchanged, and replaces the `rpcudp` transport layer underneath:
-every datagram is signed (see `framing`), checked against size limits before it is
-parsed, and dropped with a counted reason when anything is wrong, so no datagram can
-crash the node or flood its log. Requests are dispatched to a fixed set of `rpc_*`
-handlers with a bound on how many run at once.
+`PeerProtocol` subclasses the `kademlia` package's protocol, so its routing table and
+node lookups work unchanged, and it replaces the `rpcudp` transport layer underneath.
+Every datagram is signed or carries a session tag (see `framing`). It is checked
+against size limits before it is parsed, and dropped with a counted reason when
+anything is wrong, so no datagram can crash the node or flood its log. Requests are
+dispatched to a fixed set of `rpc_*` handlers with a bound on how many run at once.
 
 Records larger than one datagram travel in chunks: `store_chunk` sends a record in
 pieces that the receiver reassembles and checks against its SHA-256, and `fetch_chunk`
@@ -55,8 +55,8 @@ MAX_PEERS_COUNTED = 100_000
 DROP_WARNING_INTERVAL_SECONDS = 60.0
 SHA256_BYTES = 32
 MAX_SESSIONS = 10_000
-# Signed "session expired" answers to session frames that cannot be checked; bounded
-# because their requests are unauthenticated.
+# Signed "session expired" replies to session frames that cannot be checked. They are
+# rate-limited because the requests they reply to are unauthenticated.
 SESSION_RESETS_PER_SECOND = 50
 SESSION_EXPIRED = "session_expired"
 QUIET_DROP_REASONS = frozenset({DropReason.OWN_MESSAGE, DropReason.UNEXPECTED_RESPONSE})
@@ -69,7 +69,7 @@ class PeerRequestError(Exception):
 
 
 class RecordHolder(Protocol):
-    """What the protocol needs from the component that keeps records."""
+    """The interface of the component that keeps records, as the protocol calls it."""
 
     def accept_envelope(self, envelope: bytes, sender_id: bytes) -> tuple[bool, str]: ...
 
@@ -96,12 +96,12 @@ class PeerStats:
 
 @dataclass
 class _PeerSession:
-    """What this node knows of a peer's X25519 session key."""
+    """A peer's X25519 session key and the key derived from it."""
 
     public: bytes
     key: bytes
-    # The peer has shown that it knows this node's current X25519 key, so session
-    # frames sent to it can be checked.
+    # The peer has proved that it has this node's current X25519 key, so it can check
+    # session frames sent to it.
     knows_ours: bool
 
 
@@ -269,10 +269,10 @@ class PeerProtocol(KademliaProtocol):
         return session.key if session is not None else None
 
     def _note_session(self, frame: Frame) -> None:
-        """Learn a peer's session key from a signed frame, or that it knows ours."""
+        """Record a peer's session key from a signed frame, or that it has ours."""
         session = self._sessions.get(frame.sender_id)
         if not frame.signed:
-            # A session frame that checked out proves the peer holds our current key.
+            # A session frame whose tag checked out proves the peer has our current key.
             session.knows_ours = True
             self._sessions.move_to_end(frame.sender_id)
             return
@@ -552,7 +552,7 @@ class PeerProtocol(KademliaProtocol):
         return self.handle_call_response(result, node_to_ask)
 
     async def ping_address(self, address: tuple) -> Node | None:
-        """Ping a host:port whose node id is not known yet; return its Node if it answers."""
+        """Ping a host:port whose node id is not known yet; return its Node if it replies."""
         ok, _, responder_id = await self.call(address, "ping", [])
         if not ok or responder_id is None:
             return None
@@ -582,7 +582,7 @@ class PeerProtocol(KademliaProtocol):
     async def call_has_records(
         self, node_to_ask: Node, items: list[tuple[bytes, int, bytes]]
     ) -> list[bool] | None:
-        """Ask which record versions a peer holds; None if it did not answer."""
+        """Ask which record versions a peer has; return None if it did not reply."""
         ok, result = await self._call_node(
             node_to_ask, "has_records", [[list(item) for item in items]]
         )
