@@ -22,6 +22,11 @@ from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node as KademliaNode
 
 from voxanode import __version__
+from voxanode.apps.catalogue import DATABASE_FILE_NAME as APPS_DATABASE_FILE_NAME
+from voxanode.apps.catalogue import Catalogue
+from voxanode.apps.controller import AppController
+from voxanode.apps.peer_calls import PeerCalls
+from voxanode.apps.runtime import DockerRuntime
 from voxanode.dht.records import RECORD_OVERHEAD_BYTES, now_millis
 from voxanode.dht.service import DataLimits, DataService, run_periodically
 from voxanode.dht.store import DATABASE_FILE_NAME, RecordStore
@@ -96,6 +101,7 @@ class Node:
             buffer_size=settings.event_buffer_size,
             client_queue_size=settings.event_client_queue_size,
         )
+        self.apps: AppController | None = None
         self.api_runner = None
         self._stop_requested = asyncio.Event()
         self._loops_stop = asyncio.Event()
@@ -133,11 +139,13 @@ class Node:
             self.store.open()
             await self._start_peer_socket()
             self._start_membership()
+            self._create_app_controller()
             from voxanode.api.app import start_api
 
             self.api_runner = await start_api(self)
             self._start_loops()
             self.membership.start()
+            await self.apps.start()
         except BaseException:
             await self.stop()
             raise
@@ -225,8 +233,25 @@ class Node:
             ),
             own_info,
             on_change=self._on_member_change,
-            sample_load=sample_load,
+            sample_load=lambda: sample_load(self.apps.active_instances() if self.apps else 0),
         )
+
+    def _create_app_controller(self) -> None:
+        settings = self.settings
+        publish_host = settings.apps_publish_host or settings.api_host
+        if publish_host in ("", "0.0.0.0", "::"):
+            publish_host = "0.0.0.0"
+        catalogue = Catalogue(Path(settings.data_dir) / APPS_DATABASE_FILE_NAME)
+        catalogue.open()
+        runtime = DockerRuntime(
+            self.node_id,
+            publish_host,
+            pull_policy=settings.docker_pull_policy,
+            allowed_registries=settings.docker_allowed_registries,
+            pids_limit=settings.apps_pids_limit,
+            workers=settings.docker_workers,
+        )
+        self.apps = AppController(self, catalogue, runtime, PeerCalls(self.identity))
 
     def _on_member_change(self, member: Member, change: Change) -> None:
         """Publish membership changes as events and keep the DHT routing table in step."""
@@ -247,6 +272,8 @@ class Node:
             self.events.publish("node_left", subject, {"reason": "failed", "address": address})
         elif change is Change.SUSPECTED:
             self.events.publish("node_suspected", subject, {"address": address})
+        if self.apps is not None:
+            self.apps.on_member_change(member, change)
 
     def _start_loops(self) -> None:
         settings = self.settings
@@ -304,6 +331,13 @@ class Node:
                 await runner.cleanup()
             except Exception as error:  # noqa: BLE001 - every cleanup error is reported
                 errors.append(f"api: {error}")
+        if self.apps is not None:
+            apps, self.apps = self.apps, None
+            try:
+                await apps.stop()
+            except Exception as error:  # noqa: BLE001 - every cleanup error is reported
+                errors.append(f"apps: {error}")
+            apps.catalogue.close()
         self.events.close()
 
         if self.protocol is not None:

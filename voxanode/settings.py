@@ -53,6 +53,7 @@ GROUP_PROTOCOL = "DHT and peer protocol"
 GROUP_DATA = "stored data limits"
 GROUP_TIMERS = "timers"
 GROUP_MEMBERSHIP = "membership and events"
+GROUP_APPS = "apps and Docker"
 
 _INTEGER_PATTERN = re.compile(r"[+-]?[0-9]{1,18}")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
@@ -243,8 +244,11 @@ class HostRule:
     """A host name or an IP address to listen on, IPv6 without brackets."""
 
     metavar: str = "HOST"
+    optional: bool = False
 
-    def parse(self, raw: object, from_text: bool) -> str:
+    def parse(self, raw: object, from_text: bool) -> str | None:
+        if raw is None and self.optional:
+            return None
         if not isinstance(raw, str):
             raise ValueError("must be a host name or IP address as a string")
         return _normalize_host(raw.strip())
@@ -386,8 +390,50 @@ class NetworkKeyListRule:
         return tuple(keys)
 
 
+@dataclass(frozen=True)
+class WordRule:
+    """One word from a fixed list, in any case. The value is stored lower-case."""
+
+    choices: tuple[str, ...]
+    metavar: str = "WORD"
+
+    def parse(self, raw: object, from_text: bool) -> str:
+        if isinstance(raw, str) and raw.strip().lower() in self.choices:
+            return raw.strip().lower()
+        raise ValueError("must be one of " + ", ".join(self.choices))
+
+
+@dataclass(frozen=True)
+class WordListRule:
+    """Words matching a pattern: a JSON list in a file, comma-separated text otherwise."""
+
+    pattern: str
+    description: str
+    upper: bool = False
+    metavar: str = "WORD,..."
+
+    def parse(self, raw: object, from_text: bool) -> tuple[str, ...]:
+        if isinstance(raw, str) and from_text:
+            entries: list = [entry.strip() for entry in raw.split(",") if entry.strip()]
+        elif isinstance(raw, (list, tuple)):
+            entries = list(raw)
+        else:
+            raise ValueError(f"must be a JSON list of {self.description}")
+        words = []
+        for entry in entries:
+            if not isinstance(entry, str) or not re.fullmatch(self.pattern, entry.strip()):
+                raise ValueError(
+                    f"entry {show_value(entry, as_json=True)} must be {self.description}"
+                )
+            word = entry.strip()
+            words.append(word.upper() if self.upper else word.lower())
+        return tuple(dict.fromkeys(words))
+
+
 Rule = (
     IntegerRule
+    | WordRule
+    | WordListRule
     | NumberRule
     | BooleanRule
     | HostRule
@@ -715,6 +761,70 @@ class Settings:
         "undelivered events per event-stream client before it is disconnected",
         IntegerRule(1, 1_000_000),
         GROUP_MEMBERSHIP,
+    )
+
+    # apps and Docker
+    docker_pull_policy: str = _setting(
+        "never",
+        "when app images are pulled: always, if-not-present, or never (local images only)",
+        WordRule(("always", "if-not-present", "never"), metavar="POLICY"),
+        GROUP_APPS,
+    )
+    docker_allowed_registries: tuple[str, ...] = _setting(
+        (),
+        "registries that images may be pulled from, such as docker.io",
+        WordListRule(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?", "registry host names, optionally with :PORT",
+                     metavar="HOST,..."),
+        GROUP_APPS,
+        default_text="none",
+    )
+    apps_allowed_capabilities: tuple[str, ...] = _setting(
+        (),
+        "Linux capabilities an app may add back to its containers, such as NET_BIND_SERVICE",
+        WordListRule(r"(CAP_)?[A-Za-z_]{2,32}", "Linux capability names", upper=True,
+                     metavar="CAP,..."),
+        GROUP_APPS,
+        default_text="none",
+    )
+    apps_max_replicas: int = _setting(
+        50, "most replicas one app may ask for", IntegerRule(1, 10_000), GROUP_APPS
+    )
+    apps_pids_limit: int = _setting(
+        512, "most processes in one app container", IntegerRule(16, 1_000_000), GROUP_APPS
+    )
+    apps_publish_host: str | None = _setting(
+        None,
+        "address that app container ports are published on",
+        HostRule(optional=True),
+        GROUP_APPS,
+        default_text="api_host",
+    )
+    apps_stop_timeout_seconds: float = _setting(
+        10.0,
+        "time a stopped container has between SIGTERM and SIGKILL",
+        NumberRule(0.0, 600.0),
+        GROUP_APPS,
+    )
+    apps_start_timeout_seconds: float = _setting(
+        60.0, "longest wait for a node to start its instances of an app", POSITIVE_SECONDS_RULE, GROUP_APPS
+    )
+    apps_reconcile_interval_seconds: float = _setting(
+        2.0,
+        "how often lost or crashed app instances are looked for and replaced",
+        POSITIVE_SECONDS_RULE,
+        GROUP_APPS,
+    )
+    apps_sync_interval_seconds: float = _setting(
+        15.0,
+        "how often the app catalogue is compared with a random member's",
+        POSITIVE_SECONDS_RULE,
+        GROUP_APPS,
+    )
+    apps_stats_interval_seconds: float = _setting(
+        10.0, "how often container CPU, memory and network figures are read", POSITIVE_SECONDS_RULE, GROUP_APPS
+    )
+    docker_workers: int = _setting(
+        4, "threads that make blocking Docker engine calls", IntegerRule(1, 64), GROUP_APPS
     )
 
     # Derived by load_settings, not settable. bootstrap_peers lists the peers of

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
 from voxanode.api.middlewares import MIDDLEWARES, add_request_id_header
-from voxanode.api.routes import connectivity, data, events, info, nodes, status
+from voxanode.api.routes import apps, connectivity, data, events, info, internal, nodes, status
 from voxanode.api.stats import RequestStats
 from voxanode.settings import BindError, format_peer_address
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(node: ApiNode) -> web.Application:
-    """Build the aiohttp application serving the data, status, info and test routes."""
+    """Build the aiohttp application serving the public routes and the node-to-node ones."""
     app = web.Application(
         middlewares=MIDDLEWARES, client_max_size=node.settings.max_body_bytes
     )
@@ -39,8 +39,10 @@ def create_app(node: ApiNode) -> web.Application:
     app[PROCESS_KEY] = process
 
     app.on_response_prepare.append(add_request_id_header)
-    for route_group in (data, nodes, status, info, connectivity, events):
+    for route_group in (data, nodes, status, info, connectivity, events, apps):
         route_group.add_routes(app)
+    if getattr(node, "identity", None) is not None:
+        internal.add_routes(app)
     return app
 
 

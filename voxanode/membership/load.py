@@ -24,4 +24,5 @@ def sample_load(active_apps: int = 0) -> NodeLoad:
         active_apps=active_apps,
         memory_free_mb=int(memory.available // BYTES_PER_MIB),
         cpu_free_cores=max(0.0, cores * (1 - cpu_percent / 100)),
+        cpu_cores=cores,
     )

@@ -57,6 +57,7 @@ class NodeLoad:
     active_apps: int = 0
     memory_free_mb: int = 0
     cpu_free_cores: float = 0.0
+    cpu_cores: int = 0
 
     def encode(self) -> list:
         return [
@@ -65,19 +66,20 @@ class NodeLoad:
             self.active_apps,
             self.memory_free_mb,
             round(self.cpu_free_cores, 2),
+            self.cpu_cores,
         ]
 
     @classmethod
     def decode(cls, fields: Any) -> "NodeLoad":
-        if not isinstance(fields, list) or len(fields) != 5:
-            raise InfoError("load must be a list of 5 numbers")
-        cpu, memory, apps, free_mb, free_cores = fields
+        if not isinstance(fields, list) or len(fields) != 6:
+            raise InfoError("load must be a list of 6 numbers")
+        cpu, memory, apps, free_mb, free_cores, cores = fields
         for value in fields:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise InfoError("load values must be non-negative numbers")
-        if not isinstance(apps, int) or not isinstance(free_mb, int):
-            raise InfoError("active apps and free memory must be integers")
-        return cls(float(cpu), float(memory), apps, free_mb, float(free_cores))
+        if not all(isinstance(value, int) for value in (apps, free_mb, cores)):
+            raise InfoError("active apps, free memory and cores must be integers")
+        return cls(float(cpu), float(memory), apps, free_mb, float(free_cores), cores)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ def _describe(member: Member, own_node_id: str) -> dict:
             "active_apps": load.active_apps,
             "memory_free_mb": load.memory_free_mb,
             "cpu_free_cores": round(load.cpu_free_cores, 2),
+            "cpu_cores": load.cpu_cores,
         },
         "last_seen": isoformat_utc(member.last_seen),
         "version": info.version,

@@ -1,0 +1,118 @@
+"""The app catalogue: newest record and report win, they survive a reopen, digests trade."""
+
+import json
+
+import pytest
+
+from voxanode.apps.catalogue import (
+    AppRecord,
+    Catalogue,
+    CatalogueError,
+    InstanceReport,
+    InstanceState,
+)
+from voxanode.apps.spec import SpecLimits, parse_app_spec
+
+SPEC = parse_app_spec(
+    {"name": "web", "image": "voxanode-test/httpd:latest", "replicas": 2, "ports": [{"container_port": 8080}]},
+    SpecLimits(),
+)
+
+
+def record(version: int, writer: str = "node-aaaaaaaaaaaa", **changes) -> AppRecord:
+    fields = dict(
+        app_id="app-0123456789ab",
+        name="web",
+        spec=SPEC,
+        desired=2,
+        state="active",
+        phase="deploying",
+        assignments={"inst-000000000001": "node-aaaaaaaaaaaa"},
+        created_at=1.0,
+        updated_at=2.0,
+        version=version,
+        writer=writer,
+    )
+    fields.update(changes)
+    return AppRecord(**fields)
+
+
+def report(sequence: int, node_id: str = "node-bbbbbbbbbbbb") -> InstanceReport:
+    state = InstanceState(
+        instance_id="inst-000000000001", app_id="app-0123456789ab", node_id=node_id,
+        status="running", health="healthy", created_at=1.0, host_ports={"8080/tcp": 32768},
+    )
+    return InstanceReport(node_id, sequence, {state.instance_id: state})
+
+
+def test_newer_records_replace_older_ones_and_ties_go_by_writer(tmp_path):
+    catalogue = Catalogue(tmp_path / "apps.sqlite3")
+    catalogue.open()
+    assert catalogue.merge_app(record(2)) is not None
+    assert catalogue.merge_app(record(1)) is None
+    assert catalogue.merge_app(record(2)) is None
+    assert catalogue.merge_app(record(2, writer="node-ffffffffffff", phase="running")) is not None
+    assert catalogue.apps["app-0123456789ab"].phase == "running"
+
+
+def test_records_and_reports_survive_a_reopen(tmp_path):
+    path = tmp_path / "apps.sqlite3"
+    catalogue = Catalogue(path)
+    catalogue.open()
+    catalogue.merge_app(record(3, phase="running"))
+    catalogue.merge_report(report(10))
+    assert not catalogue.merge_report(report(9))
+    catalogue.close()
+
+    reopened = Catalogue(path)
+    reopened.open()
+    assert reopened.apps["app-0123456789ab"] == record(3, phase="running")
+    assert reopened.reports["node-bbbbbbbbbbbb"].sequence == 10
+    assert reopened.reports["node-bbbbbbbbbbbb"].instances["inst-000000000001"].host_ports == {"8080/tcp": 32768}
+
+
+def test_a_record_round_trips_through_json():
+    original = record(4)
+    assert AppRecord.from_dict(json.loads(json.dumps(original.to_dict()))) == original
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"state": "paused"},
+        {"desired": -1},
+        {"assignments": {"inst-1": 5}},
+        {"spec": {"name": "web"}},
+        {"version": "1"},
+    ],
+)
+def test_malformed_records_are_refused(change):
+    data = record(1).to_dict()
+    data.update(change)
+    with pytest.raises(CatalogueError):
+        AppRecord.from_dict(data)
+
+
+def test_a_report_may_not_describe_another_nodes_instances():
+    data = report(1).to_dict()
+    data["node_id"] = "node-cccccccccccc"
+    with pytest.raises(CatalogueError, match="own node"):
+        InstanceReport.from_dict(data)
+
+
+def test_digests_find_what_each_side_lacks(tmp_path):
+    ours = Catalogue(tmp_path / "ours.sqlite3")
+    ours.open()
+    ours.merge_app(record(5))
+    ours.merge_report(report(7))
+    theirs_digest = {
+        "apps": {"app-0123456789ab": [4, "node-aaaaaaaaaaaa"], "app-ffffffffffff": [1, "node-x"]},
+        "reports": {"node-bbbbbbbbbbbb": 9},
+    }
+    send_apps, send_reports, want_apps, want_reports = ours.newer_than(theirs_digest)
+    assert [r.version for r in send_apps] == [5]
+    assert send_reports == []
+    assert want_apps == ["app-ffffffffffff"]
+    assert want_reports == ["node-bbbbbbbbbbbb"]
+    with pytest.raises(CatalogueError):
+        ours.newer_than({"apps": [], "reports": {}})
