@@ -160,7 +160,8 @@ def test_deploy_spreads_instances_and_serves_pages(network):
     status, listing, _ = api_get(c.api_url, "/apps/list_apps/")
     assert status == 200
     (entry,) = [app for app in listing["applications"] if app["app_id"] == app_id]
-    assert entry["name"] == "web" and entry["replicas"] == {"desired": 3, "running": 3, "healthy": 3}
+    assert entry["name"] == "web"
+    assert entry["replicas"] == {"desired": 3, "running": 3, "healthy": 3}
     assert len(entry["nodes"]) == 3
 
     instance = body["instances"][0]
@@ -171,20 +172,22 @@ def test_deploy_spreads_instances_and_serves_pages(network):
 
     # The same app again by name is a conflict, whichever node is asked.
     status, conflict, _ = api_post(c.api_url, "/apps/add_app/", {"name": "web", "image": TEST_IMAGE})
-    assert status == 409 and conflict["error"]["code"] == "RESOURCE_CONFLICT"
+    assert status == 409
+    assert conflict["error"]["code"] == "RESOURCE_CONFLICT"
 
     stop(c, app_id)
     assert wait_for(lambda: containers_of(app_id, running_only=False) == [], 30) is True
 
 
-def test_scale_up_and_down_then_stop_removes_every_container(network):
+def test_scale_then_stop_removes_containers(network):
     a, b, c = network.nodes
     app_id = deploy(b, name="scaled", replicas=2, **HTTPD)["app_id"]
     wait_running(a, app_id, 2)
 
     status, body, _ = api_post(c.api_url, "/apps/add_scale_app/", {"app_id": app_id, "replicas": 5}, timeout=60)
     assert status == 200, body
-    assert body["previous_replicas"] == 2 and body["new_replicas"] == 5
+    assert body["previous_replicas"] == 2
+    assert body["new_replicas"] == 5
     wait_running(a, app_id, 5)
     assert len(containers_of(app_id)) == 5
 
@@ -219,7 +222,7 @@ def test_container_killed_by_hand_is_replaced(network):
     stop(a, app_id, force=True)
 
 
-def test_health_checks_and_resource_usage_show_in_the_status(network):
+def test_status_shows_health_and_usage(network):
     a, b, _ = network.nodes
     checked = {"type": "http", "path": "/", "interval_seconds": 1, "timeout_seconds": 0.5, "retries": 2}
     good = deploy(a, name="checked", replicas=2, health_check=checked, **HTTPD)["app_id"]
@@ -244,7 +247,7 @@ def test_health_checks_and_resource_usage_show_in_the_status(network):
     stop(a, broken, force=True)
 
 
-def test_a_container_that_exits_at_once_fails_the_app_with_its_reason(network):
+def test_app_fails_when_container_exits_at_once(network):
     a, b, _ = network.nodes
     body = {"name": "quitter", "image": TEST_IMAGE, "command": ["sh", "-c", "echo bye; exit 3"]}
     with EventStream(b.api_url, "?types=app_failed") as events:
@@ -268,7 +271,7 @@ def test_a_container_that_exits_at_once_fails_the_app_with_its_reason(network):
     assert wait_for(lambda: containers_of(app_id, running_only=False) == [], 30) is True
 
 
-def test_restart_policy_decides_whether_an_ended_instance_comes_back(network):
+def test_restart_policy_keeps_clean_exit(network):
     a, b, _ = network.nodes
     job = deploy(a, name="one-shot", restart="on-failure", command=["sh", "-c", "sleep 1; echo done"])["app_id"]
 
@@ -312,7 +315,8 @@ def test_logs_stream_lines_the_containers_print(network):
     for message in received:
         assert set(message) == {"timestamp", "level", "message", "instance_id", "node_id", "metadata"}
         assert message["metadata"]["stream"] in ("stdout", "stderr")
-    assert all(m["level"] == "info" and m["metadata"]["stream"] == "stdout" for m in with_marker)
+    assert all(m["level"] == "info" for m in with_marker)
+    assert all(m["metadata"]["stream"] == "stdout" for m in with_marker)
 
     async def history() -> tuple[list[dict], int]:
         url = f"ws://{b.api_host}:{b.api_port}/ws/apps/{app_id}/logs?tail=1&follow=false"
@@ -353,13 +357,16 @@ def test_bad_spec_is_rejected_naming_the_field(network, body, field):
 def test_bad_app_ids_and_unknown_apps(network):
     url = network.nodes[0].api_url
     status, body, _ = api_get(url, "/apps/get_app_status/", app_id="nope")
-    assert status == 400 and body["error"]["details"]["field"] == "app_id"
+    assert status == 400
+    assert body["error"]["details"]["field"] == "app_id"
     status, body, _ = api_get(url, "/apps/get_app_status/", app_id="app-000000000000")
-    assert status == 404 and body["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert status == 404
+    assert body["error"]["code"] == "RESOURCE_NOT_FOUND"
     status, body, _ = api_post(url, "/apps/add_scale_app/", {"app_id": "app-000000000000", "replicas": 2})
     assert status == 404
     status, body, _ = api_post(url, "/apps/add_stop_app/", {"app_id": "app-000000000000", "force": "yes"})
-    assert status == 400 and body["error"]["details"]["field"] == "force"
+    assert status == 400
+    assert body["error"]["details"]["field"] == "force"
 
 
 def test_missing_image_fails_the_deployment_without_pulling(network):
@@ -375,7 +382,8 @@ def test_missing_image_fails_the_deployment_without_pulling(network):
         assert "image" in body["error"]["message"]
         app_id = body["error"]["details"]["app_id"]
         failed = events.wait_for("app_failed", 20, app_id=app_id)
-        assert failed is not None and failed["data"]["kind"] == "image_missing"
+        assert failed is not None
+        assert failed["data"]["kind"] == "image_missing"
     assert app_status(network.nodes[0], app_id)["status"] == "failed"
     assert containers_of(app_id, running_only=False) == []
 
@@ -393,14 +401,15 @@ def test_app_that_fits_nowhere_is_not_deployed(network):
     assert "huge" not in [app["name"] for app in listing["applications"]]
 
 
-def test_node_to_node_routes_refuse_unsigned_and_replayed_requests(network):
+def test_internal_routes_reject_unsigned_calls(network):
     from voxanode.api.internal_auth import sign_request
     from voxanode.identity import Identity
 
     url = network.nodes[0].api_url
     command = {"command": {"op": "stop", "app_id": "app-000000000000"}, "request_id": "x"}
     status, body, headers = api_post(url, "/internal/apps/command", command)
-    assert status == 401 and body["error"]["code"] == "AUTHENTICATION_REQUIRED"
+    assert status == 401
+    assert body["error"]["code"] == "AUTHENTICATION_REQUIRED"
     assert "WWW-Authenticate" in headers
 
     # A key that no member announced is refused like no signature at all.
@@ -434,7 +443,7 @@ def test_restarted_daemon_adopts_its_containers(network):
     stop(a, app_id, force=True)
 
 
-def test_instances_of_a_killed_node_move_to_the_others(network):
+def test_killed_node_instances_move_elsewhere(network):
     a, b, c = network.nodes
     app_id = deploy(a, name="survivor", replicas=3, **HTTPD)["app_id"]
     wait_running(a, app_id, 3)
@@ -451,7 +460,8 @@ def test_instances_of_a_killed_node_move_to_the_others(network):
 
         assert wait_for(moved, NODE_DEATH_SECONDS) is True
         rebalanced = events.wait_for("load_rebalanced", 10, app_id=app_id)
-        assert rebalanced is not None and rebalanced["data"]["instances_replaced"] == 1
+        assert rebalanced is not None
+        assert rebalanced["data"]["instances_replaced"] == 1
     elapsed = time.monotonic() - started
     assert elapsed < NODE_DEATH_SECONDS
     status, body, _ = api_get(b.api_url, "/apps/get_app_status/", app_id=app_id)

@@ -44,7 +44,8 @@ def test_memory_is_reserved_by_the_placement_itself():
     with pytest.raises(PlacementError) as raised:
         place([node("a", free_mb=100)], 3, 40 * MIB, None)
     shortfall = raised.value.shortfall
-    assert shortfall.placed == 2 and shortfall.wanted == 3
+    assert shortfall.placed == 2
+    assert shortfall.wanted == 3
     assert shortfall.details()["memory_asked_mb"] == 40
 
 

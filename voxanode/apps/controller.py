@@ -507,7 +507,7 @@ class AppController:
             logger.warning("apply call failed app=%s node=%s: %s", record.app_id, member.node_id, error.reason)
             return []
         if status != 200 or not isinstance(answer, dict):
-            logger.warning("apply call refused app=%s node=%s status=%s", record.app_id, member.node_id, status)
+            logger.warning("apply call failed app=%s node=%s status=%s", record.app_id, member.node_id, status)
             return []
         self._merge_payload(answer.get("_sync"))
         return [s for s in self.catalogue.reports.get(member.node_id, InstanceReport(member.node_id, 0, {})).instances.values()

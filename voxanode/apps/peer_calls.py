@@ -23,7 +23,7 @@ MAX_STREAM_LINE_BYTES = 1024 * 1024
 
 
 class PeerCallError(Exception):
-    """A node-to-node call that got no usable answer.
+    """A node-to-node call that got no usable response.
 
     `status` is the HTTP status when the peer answered, else None; `body` is its JSON
     answer when it had one.
@@ -92,13 +92,13 @@ class PeerCalls:
                     answer = await response.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError) as error:
                     raise PeerCallError(
-                        node_id, f"answer is not JSON (HTTP {response.status})", response.status
+                        node_id, f"response is not JSON (HTTP {response.status})", response.status
                     ) from error
                 return response.status, answer
         except PeerCallError:
             raise
         except TimeoutError as error:
-            raise PeerCallError(node_id, f"no answer within {timeout:g} s") from error
+            raise PeerCallError(node_id, f"no response within {timeout:g} s") from error
         except aiohttp.ClientError as error:
             raise PeerCallError(node_id, f"{type(error).__name__}: {error}") from error
 
