@@ -42,6 +42,7 @@ from voxanode.settings import BindError, Settings
 PEERS_FILE_NAME = "peers.json"
 PEERS_FILE_VERSION = 1
 MAX_SAVED_PEERS = 64
+PEERS_SAVE_DELAY_SECONDS = 2.0
 BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 LOOP_STOP_GRACE_SECONDS = 0.5
 
@@ -107,6 +108,7 @@ class Node:
         self._loops_stop = asyncio.Event()
         self._loops: set[asyncio.Task] = set()
         self._started = False
+        self._peers_save_pending = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -262,6 +264,9 @@ class Node:
         elif change in (Change.JOINED, Change.REJOINED) and self.protocol is not None:
             host, port = member.info.peer_address
             self.protocol.welcome_if_new(KademliaNode(member.dht_id, host, port))
+            # A node that others joined (the first of a network) has no other moment to
+            # learn its peers, and needs them to rejoin after a restart.
+            self._save_peers_soon()
         subject = {"node_id": member.node_id}
         address = f"{member.info.api_address[0]}:{member.info.api_address[1]}"
         if change in (Change.JOINED, Change.REJOINED):
@@ -441,6 +446,18 @@ class Node:
                     resolved.append(address)
                     break
         return list(dict.fromkeys(resolved))
+
+    def _save_peers_soon(self) -> None:
+        """Save the peers within PEERS_SAVE_DELAY_SECONDS, once for a burst of joins."""
+        if self._peers_save_pending or self.protocol is None:
+            return
+        self._peers_save_pending = True
+
+        def save() -> None:
+            self._peers_save_pending = False
+            self._save_peers()
+
+        asyncio.get_running_loop().call_later(PEERS_SAVE_DELAY_SECONDS, save)
 
     def _peers_path(self) -> Path:
         return Path(self.settings.data_dir) / PEERS_FILE_NAME

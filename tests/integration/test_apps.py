@@ -430,8 +430,7 @@ def test_restarted_daemon_adopts_its_containers(network):
     a, b, c = network.nodes
     app_id = deploy(a, name="steady", replicas=3, **HTTPD)["app_id"]
     before = wait_running(b, app_id, 3)
-    on_c = [i["instance_id"] for i in before["instances"] if i["node_id"] == c.fetch_node_id()]
-    assert on_c
+    assert c.fetch_node_id() in {i["node_id"] for i in before["instances"]}
     c.send_signal(signal.SIGKILL)
     c.wait_exit(10)
     c.start()
@@ -441,6 +440,35 @@ def test_restarted_daemon_adopts_its_containers(network):
     time.sleep(3)
     assert len(containers_of(app_id, running_only=False)) == 3
     stop(a, app_id, force=True)
+
+
+def test_first_node_rejoins_after_being_declared_failed(network):
+    # The first node of the devnet has no bootstrap peer: once the others have given
+    # it up, it finds them only through the peers it saved while they joined it.
+    first, b, c = network.nodes
+    first_id = first.fetch_node_id()
+    app_id = deploy(b, name="regroup", replicas=3, **HTTPD)["app_id"]
+    wait_running(c, app_id, 3)
+    first.send_signal(signal.SIGKILL)
+    first.wait_exit(10)
+
+    def given_up():
+        status, body, _ = api_get(b.api_url, "/data/discover_nodes/")
+        return {n["node_id"]: n["status"] for n in body["nodes"]}.get(first_id) == "offline"
+
+    assert wait_for(given_up, NODE_DEATH_SECONDS) is True
+    first.start()
+    first.wait_ready()
+
+    def rejoined():
+        views = [api_get(node.api_url, "/data/discover_nodes/").body for node in network.nodes]
+        return all(view["online_nodes"] == 3 for view in views) or views
+
+    assert wait_for(rejoined, 30) is True
+    wait_running(first, app_id, 3)
+    # The restarted node removes the containers whose instances moved away meanwhile.
+    assert wait_for(lambda: len(containers_of(app_id, running_only=False)) == 3, 30) is True
+    stop(b, app_id, force=True)
 
 
 def test_killed_node_instances_move_elsewhere(network):

@@ -21,6 +21,7 @@ from dataclasses import replace
 import aiohttp
 
 from voxanode.apps.catalogue import (
+    INSTANCE_STOPPING,
     HEALTH_HEALTHY,
     HEALTH_STARTING,
     HEALTH_UNHEALTHY,
@@ -81,6 +82,8 @@ class LocalAgent:
         self._health_failures: dict[str, int] = {}
         self._next_check: dict[str, float] = {}
         self._published_view: dict[str, tuple] = {}
+        self._removing: set[str] = set()
+        self._removals: set[asyncio.Task] = set()
 
     # -- the report -------------------------------------------------------------------
 
@@ -92,6 +95,15 @@ class LocalAgent:
 
     def running_count(self) -> int:
         return sum(1 for s in self._states.values() if s.status == INSTANCE_RUNNING)
+
+    def active_app_count(self) -> int:
+        """Return the number of apps with at least one running instance here."""
+        return len({s.app_id for s in self._states.values() if s.status == INSTANCE_RUNNING})
+
+    async def close(self) -> None:
+        """Wait briefly for removals in progress; they continue in Docker if cut short."""
+        if self._removals:
+            await asyncio.wait(self._removals, timeout=2)
 
     def _commit(self, push: bool = True) -> None:
         """Store the report under a new sequence; tell the controller if states changed."""
@@ -137,7 +149,7 @@ class LocalAgent:
                 elif held.status != INSTANCE_FAILED:
                     self._states[instance_id] = replace(
                         held, status=INSTANCE_FAILED, health=HEALTH_UNHEALTHY,
-                        error="lost: the container disappeared",
+                        error="the container disappeared", error_kind="lost",
                     )
                     logger.warning(
                         "instance container disappeared node=%s app=%s instance=%s",
@@ -145,16 +157,19 @@ class LocalAgent:
                     )
             if to_start:
                 await asyncio.gather(*(self._start(iid, rec) for iid, rec in to_start))
-            removals = [
-                (instance_id, container)
-                for instance_id, container in containers.items()
-                if instance_id not in assigned
-            ]
-            if removals:
-                await asyncio.gather(*(self._remove(iid, c) for iid, c in removals))
+            # Removals run on their own, so a graceful stop that waits out its timeout
+            # holds up neither this pass nor the call that asked for it.
+            for instance_id, container in containers.items():
+                if instance_id not in assigned and instance_id not in self._removing:
+                    self._removing.add(instance_id)
+                    task = asyncio.get_running_loop().create_task(self._remove(instance_id, container))
+                    self._removals.add(task)
+                    task.add_done_callback(self._removals.discard)
             for instance_id in list(self._states):
                 if instance_id not in assigned and instance_id not in containers:
                     del self._states[instance_id]
+                elif instance_id not in assigned and self._states[instance_id].status != INSTANCE_STOPPING:
+                    self._states[instance_id] = replace(self._states[instance_id], status=INSTANCE_STOPPING)
             self._commit()
 
     def _adopt(self, record: AppRecord, container: ContainerInfo) -> None:
@@ -172,7 +187,7 @@ class LocalAgent:
             reason = "killed: out of memory" if container.oom_killed else f"exited with code {container.exit_code}"
             if container.error:
                 reason += f": {container.error}"
-            error = f"exited: {reason}"
+            error = reason
             if held is None or held.status != INSTANCE_FAILED:
                 logger.warning(
                     "instance stopped on its own node=%s app=%s instance=%s reason=%s",
@@ -180,6 +195,11 @@ class LocalAgent:
                 )
         else:
             status, health, error = INSTANCE_STARTING, HEALTH_STARTING, None
+        if held is None:
+            logger.info(
+                "adopted container node=%s app=%s instance=%s container=%s state=%s",
+                self.node_id, record.app_id, container.instance_id, container.container_id[:12], container.state,
+            )
         base = held or InstanceState(
             instance_id=container.instance_id,
             app_id=record.app_id,
@@ -193,6 +213,8 @@ class LocalAgent:
             status=status,
             health=health,
             error=error,
+            error_kind="exited" if status == INSTANCE_FAILED else None,
+            host_ip=self.host_ip,
             exit_code=container.exit_code if status == INSTANCE_FAILED else None,
             started_at=started,
             host_ports=dict(container.host_ports),
@@ -224,7 +246,7 @@ class LocalAgent:
         except DockerRuntimeError as error:
             self._states[instance_id] = replace(
                 self._states[instance_id], status=INSTANCE_FAILED, health=HEALTH_UNHEALTHY,
-                error=f"{error.kind}: {error.reason}",
+                error=error.reason, error_kind=error.kind,
             )
             logger.warning(
                 "instance did not start node=%s app=%s instance=%s kind=%s reason=%s",
@@ -244,6 +266,18 @@ class LocalAgent:
         record = self.catalogue.apps.get(container.app_id)
         force = bool(record and record.force_stop)
         timeout = record.stop_timeout_seconds if record else 10.0
+        if record is None:
+            reason = "its app is unknown to this node"
+        elif record.state != STATE_ACTIVE:
+            reason = f"the app is {record.state}"
+        elif instance_id in record.assignments:
+            reason = f"the instance moved to node {record.assignments[instance_id]}"
+        else:
+            reason = "the instance is no longer assigned (scaled down or replaced)"
+        logger.info(
+            "removing instance node=%s app=%s instance=%s force=%s because %s",
+            self.node_id, container.app_id, instance_id, force, reason,
+        )
         try:
             await self.runtime.stop(container.container_id, timeout_seconds=timeout, force=force)
         except DockerRuntimeError as error:
@@ -252,13 +286,12 @@ class LocalAgent:
                 self.node_id, container.app_id, instance_id, error.reason,
             )
             return
+        finally:
+            self._removing.discard(instance_id)
         self._states.pop(instance_id, None)
         self._health_failures.pop(instance_id, None)
         self._next_check.pop(instance_id, None)
-        logger.info(
-            "instance removed node=%s app=%s instance=%s force=%s",
-            self.node_id, container.app_id, instance_id, force,
-        )
+        self._commit()
 
     # -- health and stats -----------------------------------------------------------------
 

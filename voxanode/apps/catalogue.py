@@ -181,8 +181,11 @@ class InstanceState:
     last_health_check: float | None = None
     host_ports: dict[str, int] = field(default_factory=dict)
     container_id: str | None = None
+    host_ip: str | None = None
     exit_code: int | None = None
     error: str | None = None
+    # What ended the instance: "exited", "lost", or a Docker runtime error kind.
+    error_kind: str | None = None
     cpu_percent: float = 0.0
     memory_mb: float = 0.0
     network_rx_bytes: int = 0

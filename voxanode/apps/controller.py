@@ -68,6 +68,8 @@ ENGINE_RETRY_SECONDS = 30.0
 PUSH_TIMEOUT_SECONDS = 5.0
 STATUS_FETCH_TIMEOUT_SECONDS = 2.0
 COMMAND_CALL_TIMEOUT_SECONDS = 120.0
+# Time after start before an assigned node that membership never heard of is lost.
+UNKNOWN_NODE_GRACE_SECONDS = 60.0
 
 
 def new_app_id() -> str:
@@ -108,6 +110,7 @@ class AppController:
         self._retry_after: dict[str, float] = {}
         self._excluded_nodes: dict[str, dict[str, float]] = {}
         self._kept_failures: set[str] = set()
+        self._started_at = time.monotonic()
         self._health_session: aiohttp.ClientSession | None = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -140,6 +143,7 @@ class AppController:
             await asyncio.wait(self._tasks, timeout=5)
         if self._health_session is not None:
             await self._health_session.close()
+        await self.agent.close()
         await self.calls.close()
         await self.runtime.close()
 
@@ -178,6 +182,19 @@ class AppController:
     def _node_alive(self, node_id: str) -> bool:
         member = self._members().get(node_id)
         return member is not None and member.status in (MemberStatus.ONLINE, MemberStatus.SUSPECT)
+
+    def _node_lost(self, node_id: str) -> bool:
+        """Return whether a node's instances must be replaced elsewhere.
+
+        A node membership reports offline or left is lost. A node this node has not
+        heard of since it started counts as lost only after a grace period: right
+        after a restart the member list is still filling, and replacing the
+        instances of every node not yet heard from would double them.
+        """
+        member = self._members().get(node_id)
+        if member is not None:
+            return member.status in (MemberStatus.OFFLINE, MemberStatus.LEFT)
+        return time.monotonic() - self._started_at > UNKNOWN_NODE_GRACE_SECONDS
 
     def responsible_for(self, name: str) -> Member | None:
         """Return the member that makes the changes of the app named `name`."""
@@ -385,9 +402,7 @@ class AppController:
         }
 
     def _failure_from(self, state: InstanceState | None, reason: str) -> AppFailure:
-        kind = "start_failed"
-        if state is not None and state.error and ":" in state.error:
-            kind = state.error.split(":", 1)[0]
+        kind = state.error_kind if state is not None and state.error_kind else "start_failed"
         return AppFailure(
             reason=reason,
             kind=kind,
@@ -599,6 +614,7 @@ class AppController:
                     "reason": "node_lost",
                     "from_nodes": list(moved.get("from_nodes", [])),
                     "instances_replaced": moved.get("instances_replaced", 0),
+                    "lost_instances": list(moved.get("lost_instances", [])),
                     "instances": sorted(record.assignments),
                 },
             )
@@ -612,12 +628,13 @@ class AppController:
         membership = self.node.membership
         if membership is None:
             return
-        running = self.agent.running_count()
+        running = self.agent.active_app_count()
         if membership.own_info.load.active_apps != running:
             membership.update_own(load=replace(membership.own_info.load, active_apps=running))
 
     def active_instances(self) -> int:
-        return self.agent.running_count()
+        """Return the number of apps running here, the `active_apps` of the node's load."""
+        return self.agent.active_app_count()
 
     # -- loops ---------------------------------------------------------------------------
 
@@ -673,10 +690,13 @@ class AppController:
         assignments = dict(record.assignments)
         lost, crashed, crashed_kept, lost_nodes = [], [], [], set()
         for instance_id, node_id in record.assignments.items():
-            if not self._node_alive(node_id):
+            if self._node_lost(node_id):
                 lost.append(instance_id)
                 lost_nodes.add(node_id)
                 del assignments[instance_id]
+                continue
+            if not self._node_alive(node_id):
+                # Suspect, or not heard of yet: wait before replacing its instances.
                 continue
             state = self._instance_state(instance_id, node_id)
             if state is None or state.status != INSTANCE_FAILED:
@@ -735,7 +755,10 @@ class AppController:
             return
         rebalanced = record.rebalanced
         if lost:
-            rebalanced = {"at": now, "from_nodes": sorted(lost_nodes), "instances_replaced": len(lost)}
+            rebalanced = {
+                "at": now, "from_nodes": sorted(lost_nodes), "instances_replaced": len(lost),
+                "lost_instances": sorted(lost),
+            }
         updated = record.next_version(
             self.node_id, assignments=assignments, phase=phase, failures=failures,
             last_error=last_error, rebalanced=rebalanced,
@@ -753,7 +776,7 @@ class AppController:
         disappeared is replaced under every policy.
         """
         policy = record.spec.restart
-        exited = bool(state.error and state.error.startswith("exited:"))
+        exited = state.error_kind == "exited"
         if policy == "never" and exited:
             return False
         if policy == "on-failure" and exited and state.exit_code == 0:
@@ -925,7 +948,12 @@ class AppController:
                     "started_at": _iso(state.started_at),
                     "last_health_check": _iso(state.last_health_check),
                     "ports": [
-                        {"container_port": int(key.split("/")[0]), "protocol": key.split("/")[1], "host_port": port}
+                        {
+                            "container_port": int(key.split("/")[0]),
+                            "protocol": key.split("/")[1],
+                            "host_ip": state.host_ip,
+                            "host_port": port,
+                        }
                         for key, port in sorted(state.host_ports.items())
                     ],
                     "error": state.error,

@@ -8,7 +8,8 @@ the instance figures of the nodes running the app fetched fresh for status.
 wherever it runs, as JSON text frames: `timestamp`, `level`, `message`,
 `instance_id`, `node_id` and `metadata.stream`. Query parameters: `tail=N` (lines of
 history per instance first, default 100, 0 for none) and `follow=false` (send the
-history and close with 1000 instead of following). A followed stream also picks up
+history of all instances merged in time order, and close with 1000 instead of
+following). A followed stream also picks up
 instances started later (scaling, replacements) and closes with 1000 when the app
 stops. A client that reads too slowly for its queue is closed with 4008. `level` is
 the level word a line starts with (error, warn, info, debug), else "info" for stdout
@@ -45,6 +46,8 @@ MAX_LIST_LIMIT = 500
 DEFAULT_LOG_TAIL = 100
 MAX_LOG_TAIL = 10_000
 LOG_CLIENT_QUEUE_LINES = 2000
+# Most lines of history one follow=false request collects before sorting them.
+MAX_HISTORY_LINES = 200_000
 LOG_SOURCE_POLL_SECONDS = 1.0
 LOG_HEARTBEAT_SECONDS = 20.0
 SLOW_CLIENT_CLOSE_CODE = 4008
@@ -244,6 +247,7 @@ class _LogStream:
         self.producers: dict[str, asyncio.Task] = {}
         self.overflowed = asyncio.Event()
         self.shutting_down = asyncio.Event()
+        self.history: list[dict] = []
 
     async def run(self, websocket: web.WebSocketResponse) -> tuple[int, str]:
         sender = asyncio.create_task(self._send(websocket))
@@ -304,6 +308,10 @@ class _LogStream:
             first = False
             if not self.follow:
                 await self._drain_producers()
+                # History from all instances goes out merged in time order.
+                self.history.sort(key=lambda message: message.get("timestamp") or "")
+                for message in self.history:
+                    await self.queue.put(message)
                 return "end of logs"
             await asyncio.sleep(LOG_SOURCE_POLL_SECONDS)
 
@@ -312,6 +320,12 @@ class _LogStream:
             await asyncio.gather(*self.producers.values(), return_exceptions=True)
 
     def _offer(self, message: dict) -> None:
+        if not self.follow:
+            if len(self.history) >= MAX_HISTORY_LINES:
+                self.overflowed.set()
+                return
+            self.history.append(message)
+            return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
