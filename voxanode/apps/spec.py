@@ -559,7 +559,7 @@ def _check_name(name: str) -> None:
 def _check_image(image: str) -> None:
     issue = image_reference_issue(image)
     if issue is not None:
-        raise invalid_field("image", f"{issue}. {_image_issue()}")
+        raise invalid_field("image", f"{issue}. It {_image_issue()}")
 
 
 def _check_replicas(replicas: int | UnsetType, limits: SpecLimits | None) -> int:
@@ -607,6 +607,8 @@ def _check_environment(
             f"got {len(variables)}",
         )
     for name, value in variables.items():
+        if not name:
+            raise invalid_field("environment", "has a variable with an empty name")
         field_path = f"environment.{_shorten(name)}"
         issue = _environment_name_issue(name) or _environment_value_issue(value, limits)
         if issue is not None:
@@ -925,7 +927,7 @@ def _field_rule_issue(rule: str, limits: SpecLimits | None) -> str | None:
     if rule == "replicas":
         return _replicas_issue(limits)
     issues = {
-        "name": _name_issue(),
+        "name": "must be a string. It " + _name_issue(),
         "image": _image_issue(),
         "resources": 'must be an object with the optional fields "memory" and "cpu"',
         "resources.memory": f"must be {MEMORY_FORMAT_HELP}",
