@@ -95,7 +95,8 @@ NANO_CPUS_PER_CORE = 1_000_000_000
 # voxanode's default apps_pids_limit, so every system runs under the same pids limit.
 PIDS_LIMIT = 512
 LOG_MAX_SIZE = "10m"
-VOXANODE_ARGS = ("--dev", "--apps-reconcile-interval-seconds", "1")
+# The benches send more requests than the default rate limits allow.
+VOXANODE_ARGS = ("--dev", "--apps-reconcile-interval-seconds", "1", "--rate-limit-default", "unlimited", "--rate-limit-data", "unlimited", "--rate-limit-deployments", "unlimited")
 
 NAME_PREFIX = "voxabench-"
 RUN_LABEL = "io.voxanode.bench.run-id"

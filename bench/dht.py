@@ -59,7 +59,8 @@ READY_TIMEOUT_SECONDS = 90.0
 VALUE_PAYLOAD_CHARS = 64
 MIB = 1024 * 1024
 BARE_NODE_SCRIPT = BENCH_DIR / "bare_kademlia_node.py"
-VOXANODE_ARGS = ("--dev", "--log-level", "WARNING")
+# The benches send more requests than the default rate limits allow.
+VOXANODE_ARGS = ("--dev", "--log-level", "WARNING", "--rate-limit-default", "unlimited", "--rate-limit-data", "unlimited", "--rate-limit-deployments", "unlimited")
 
 
 class BareKademliaNode(DevNode):

@@ -12,8 +12,9 @@ import urllib.request
 from typing import Any, Mapping, NamedTuple
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
-# Daemon flags for tests: no authentication, and intervals short enough that republish,
-# sweeps, join retries and routing refreshes happen within a test's time.
+# Daemon flags for tests: no authentication, intervals short enough that republish,
+# sweeps, join retries and routing refreshes happen within a test's time, and API rate
+# limits so high that no test is throttled. Flags given after these override them.
 FAST_DAEMON_ARGS = (
     "--dev",
     "--republish-interval-seconds", "2",
@@ -21,6 +22,9 @@ FAST_DAEMON_ARGS = (
     "--sweep-interval-seconds", "1",
     "--join-retry-seconds", "1",
     "--refresh-interval-seconds", "5",
+    "--rate-limit-default", "100000/minute",
+    "--rate-limit-deployments", "100000/minute",
+    "--rate-limit-data", "100000/minute",
 )
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+import limits
+
 DEFAULT_CONFIG_FILE = Path("config") / "settings.json"
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.json")
 ENV_PREFIX = "VOXA_"
@@ -54,6 +56,7 @@ GROUP_DATA = "stored data limits"
 GROUP_TIMERS = "timers"
 GROUP_MEMBERSHIP = "membership and events"
 GROUP_APPS = "apps and Docker"
+GROUP_RATE_LIMITS = "rate limits"
 
 _INTEGER_PATTERN = re.compile(r"[+-]?[0-9]{1,18}")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
@@ -66,6 +69,12 @@ NETWORK_KEY_BYTES = 32
 _HEX_KEY_PATTERN = re.compile(r"[0-9A-Fa-f]{64}")
 _BASE64_KEY_PATTERN = re.compile(r"[A-Za-z0-9+/_-]{43}=?")
 _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+# Rate limit values that mean "no limit".
+UNLIMITED_WORDS = frozenset({"unlimited", "0"})
+UNLIMITED_TEXT = "unlimited"
+RATE_LIMIT_EXAMPLES = "such as 100/minute, 10/hour or 3/5seconds"
+# limits.parse reads a window count of 0, as in "5/0seconds", as 1, so the rule checks it.
+_ZERO_WINDOW_PATTERN = re.compile(r"(/|per)\s*0+\s*[a-z]", re.IGNORECASE)
 NETWORK_KEY_REQUIREMENT = (
     "must be 32 bytes as base64 or hex; create one with "
     "`python3 -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())'`"
@@ -430,6 +439,89 @@ class WordListRule:
         return tuple(dict.fromkeys(words))
 
 
+def format_rate_limit(limit: limits.RateLimitItem | None) -> str:
+    """Return a rate limit as settings accept it: `100/minute`, `3/5 seconds` or `unlimited`."""
+    if limit is None:
+        return UNLIMITED_TEXT
+    window = limit.GRANULARITY.name
+    if limit.multiples == 1:
+        return f"{limit.amount}/{window}"
+    return f"{limit.amount}/{limit.multiples} {window}s"
+
+
+@dataclass(frozen=True)
+class RateLimitRule:
+    """Requests per time window in the `limits` notation, such as 100/minute or 3/5seconds.
+
+    "unlimited" or 0 parse to None, which means no limit. Each setting takes one limit.
+    Text such as "1/second;5/minute" is rejected, because only its first limit would apply.
+    """
+
+    metavar: str = "LIMIT"
+
+    def parse(self, raw: object, from_text: bool) -> limits.RateLimitItem | None:
+        if raw == 0 and isinstance(raw, int) and not isinstance(raw, bool):
+            return None
+        if not isinstance(raw, str):
+            raise ValueError(f'must be a rate limit string {RATE_LIMIT_EXAMPLES}, or "unlimited"')
+        text = raw.strip()
+        if text.lower() in UNLIMITED_WORDS:
+            return None
+
+        try:
+            items = limits.parse_many(text)
+        except ValueError:
+            raise ValueError(
+                f"must be a rate limit {RATE_LIMIT_EXAMPLES}, or unlimited. The window is"
+                " second, minute, hour, day, month or year"
+            ) from None
+        if len(items) != 1:
+            raise ValueError(f"must be one rate limit {RATE_LIMIT_EXAMPLES}, not a list of limits")
+        item = items[0]
+        if item.amount < 1 or _ZERO_WINDOW_PATTERN.search(text):
+            raise ValueError(
+                "must allow at least 1 request in a window of at least 1 unit."
+                " Use unlimited or 0 for no limit"
+            )
+        return item
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class NetworkListRule:
+    """IP addresses or CIDR networks: a JSON list in a file, comma-separated text otherwise.
+
+    An address is stored as a network of one address. A network with host bits set,
+    such as 10.0.0.1/8, is rejected because it most likely contains a typing error.
+    """
+
+    metavar: str = "CIDR,..."
+
+    def parse(self, raw: object, from_text: bool) -> tuple[IpNetwork, ...]:
+        if isinstance(raw, str) and from_text:
+            entries: list[object] = [entry.strip() for entry in raw.split(",") if entry.strip()]
+        elif isinstance(raw, (list, tuple)):
+            entries = list(raw)
+        else:
+            raise ValueError("must be a JSON list of IP addresses or CIDR networks")
+
+        networks = []
+        for entry in entries:
+            entry_text = show_value(entry, as_json=True)
+            if not isinstance(entry, str):
+                raise ValueError(f"entry {entry_text} must be an IP address or CIDR network string")
+            try:
+                networks.append(ipaddress.ip_network(entry.strip()))
+            except ValueError as error:
+                raise ValueError(
+                    f"entry {entry_text} must be an IP address or CIDR network such as"
+                    f" 10.0.0.5 or 10.0.0.0/8 ({error})"
+                ) from None
+        return tuple(dict.fromkeys(networks))
+
+
 Rule = (
     IntegerRule
     | WordRule
@@ -443,6 +535,8 @@ Rule = (
     | GitCommitRule
     | NetworkKeyRule
     | NetworkKeyListRule
+    | RateLimitRule
+    | NetworkListRule
 )
 
 PORT_RULE = IntegerRule(MIN_PORT, MAX_PORT, metavar="PORT")
@@ -544,7 +638,7 @@ class Settings:
     )
     dev: bool = _setting(
         False,
-        "development mode: API authentication off; this version checks no tokens in either mode",
+        "development mode: API authentication off",
         BooleanRule(),
         GROUP_NODE,
     )
@@ -827,6 +921,41 @@ class Settings:
         4, "threads that make blocking Docker engine calls", IntegerRule(1, 64), GROUP_APPS
     )
 
+    # rate limits
+    rate_limit_default: limits.RateLimitItem | None = _setting(
+        limits.parse("100/minute"),
+        "API requests per client IP address to other routes, such as 100/minute or unlimited",
+        RateLimitRule(),
+        GROUP_RATE_LIMITS,
+    )
+    rate_limit_deployments: limits.RateLimitItem | None = _setting(
+        limits.parse("10/hour"),
+        "POST /apps/add_app/ requests per client IP address, rejected ones included",
+        RateLimitRule(),
+        GROUP_RATE_LIMITS,
+    )
+    rate_limit_data: limits.RateLimitItem | None = _setting(
+        limits.parse("1000/minute"),
+        "API requests per client IP address to /data/ routes",
+        RateLimitRule(),
+        GROUP_RATE_LIMITS,
+    )
+    rate_limit_status: limits.RateLimitItem | None = _setting(
+        None,
+        "API requests per client IP address to /status/ routes",
+        RateLimitRule(),
+        GROUP_RATE_LIMITS,
+        default_text=UNLIMITED_TEXT,
+    )
+    trusted_proxies: tuple[IpNetwork, ...] = _setting(
+        (),
+        "proxies, as IP addresses or CIDR networks, whose X-Forwarded-For header names"
+        " the client for rate limits",
+        NetworkListRule(),
+        GROUP_RATE_LIMITS,
+        default_text="none",
+    )
+
     # Derived by load_settings, not settable. bootstrap_peers lists the peers of
     # bootstrap_file, then those of bootstrap, parsed and without duplicates. sources
     # maps each setting to where its value came from: "default", a settings file, a
@@ -858,6 +987,8 @@ class SettingSpec:
 
 
 def _display_default(value: object) -> str:
+    if isinstance(value, limits.RateLimitItem):
+        return format_rate_limit(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Path):
@@ -915,10 +1046,12 @@ def default_settings_document() -> dict[str, object]:
         if not spec.in_file:
             continue
         value = spec.default
-        if isinstance(value, Path):
+        if isinstance(spec.rule, RateLimitRule):
+            value = format_rate_limit(value)
+        elif isinstance(value, Path):
             value = _display_path(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [str(item) if isinstance(item, IpNetwork) else item for item in value]
         document[spec.name] = value
     return document
 

@@ -124,6 +124,7 @@ class FakeNode:
             "default_ttl_seconds": TEST_DEFAULT_TTL_SECONDS,
             "default_replicas": TEST_DEFAULT_REPLICAS,
             "ksize": TEST_KSIZE,
+            "dev": True,
         }
         self.settings = dataclasses.replace(Settings(), **{**test_settings, **settings})
         self.identity = Identity.generate()

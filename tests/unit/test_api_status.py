@@ -17,6 +17,7 @@ from test_api_fakes import (  # noqa: F401 - fixtures are used by name
     serve_api,
 )
 from voxanode.api.routes.connectivity import peer_connectivity
+from voxanode.tokens import Scope, create_token, token_file_path
 
 TIMESTAMP_PATTERN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
@@ -181,9 +182,11 @@ async def test_program_stats_runtime_info(client, node: FakeNode):
 
 async def test_version_production_defaults(serve_api, tmp_path):
     node = FakeNode(tmp_path, dev=False)
+    token, _ = create_token(token_file_path(tmp_path), "reader", Scope.READ)
     client = await serve_api(node)
 
-    code, reply = await get_json(client, "/info/version")
+    async with client.get("/info/version", headers={"Authorization": f"Bearer {token}"}) as response:
+        code, reply = response.status, await response.json()
 
     assert code == 200
     assert reply["version"] == voxanode.__version__

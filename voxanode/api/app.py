@@ -11,9 +11,11 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from voxanode.api.auth import setup_auth
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
 from voxanode.api.middlewares import MIDDLEWARES, add_request_id_header
-from voxanode.api.routes import apps, connectivity, data, events, info, internal, nodes, status
+from voxanode.api.ratelimit import setup_rate_limits
+from voxanode.api.routes import apps, connectivity, data, docs, events, info, internal, nodes, status
 from voxanode.api.stats import RequestStats
 from voxanode.settings import BindError, format_peer_address
 
@@ -31,6 +33,7 @@ def create_app(node: ApiNode) -> web.Application:
     )
     app[NODE_KEY] = node
     app[STATS_KEY] = RequestStats()
+    setup_auth(app, node.settings)
 
     # The first cpu_percent() call only starts the measurement and returns 0.0, so it
     # is made here and every later call measures from the call before it.
@@ -39,7 +42,8 @@ def create_app(node: ApiNode) -> web.Application:
     app[PROCESS_KEY] = process
 
     app.on_response_prepare.append(add_request_id_header)
-    for route_group in (data, nodes, status, info, connectivity, events, apps):
+    setup_rate_limits(app, node.settings)
+    for route_group in (data, nodes, status, info, connectivity, events, apps, docs):
         route_group.add_routes(app)
     if getattr(node, "identity", None) is not None:
         internal.add_routes(app)

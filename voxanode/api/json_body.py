@@ -4,7 +4,8 @@ Every failure becomes an `ApiError`. A content type other than `application/json
 a charset other than UTF-8, is a 415. A body over `settings.max_body_bytes` (the app's
 `client_max_size`) is a 413. A body that is not UTF-8, not JSON, uses the
 non-standard NaN/Infinity literals, nests too deeply or is not an object at the top
-level is a 400 with field "body".
+level is a 400 with field "body", and so is a body that its Content-Encoding does not
+decode or that ends early because the client closed the connection.
 """
 
 import json
@@ -41,7 +42,23 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit_bytes:
         raise body_too_large_error(limit_bytes)
 
-    return decode_json_object(await request.read())
+    return decode_json_object(await _read_body(request))
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.RequestPayloadError as error:
+        # aiohttp raises this for a body that its Content-Encoding (gzip, deflate)
+        # does not decode. The parser's own error carries the reason.
+        reason = getattr(error.__cause__, "message", "") or "it is malformed"
+        raise invalid_field(BODY_FIELD, f"could not be read: {reason}") from error
+    except ConnectionResetError as error:
+        # The client closed the connection before the whole body arrived. No reply
+        # reaches it, and the request counts as a client error, not a server error.
+        raise invalid_field(
+            BODY_FIELD, "ended early: the client closed the connection"
+        ) from error
 
 
 def decode_json_object(body: bytes) -> dict[str, Any]:

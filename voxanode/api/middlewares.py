@@ -3,9 +3,11 @@
 `MIDDLEWARES` lists them outermost first. The request id middleware gives the
 request its id. The statistics middleware times the request and records the final
 status. The error middleware turns every failure inside it into an error envelope,
-so aiohttp's own 404, 405 and 413 replies carry the envelope too. The `X-Request-ID`
-header is added in `on_response_prepare`, which runs for every response the app
-sends.
+so aiohttp's own 404, 405 and 413 replies carry the envelope too. The rate limiter
+(`voxanode.api.ratelimit`) and then the bearer token check (`voxanode.api.auth`) run
+inside the error middleware, so their 429, 401 and 403 replies are envelopes as well;
+limits count requests with and without a valid token. The `X-Request-ID` header is added in
+`on_response_prepare`, which runs for every response the app sends.
 
 Errors that aiohttp's HTTP parser raises before routing, such as a malformed request
 line, never reach the app and keep aiohttp's plain-text reply.
@@ -20,6 +22,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from voxanode.api.auth import auth_middleware
+from voxanode.api.ratelimit import rate_limit_middleware
 from voxanode.api.errors import ApiError, ErrorCode, error_body
 from voxanode.api.json_body import body_too_large_error
 from voxanode.api.keys import NODE_KEY, REQUEST_ID_KEY, STATS_KEY, request_id_of
@@ -197,4 +201,10 @@ def _code_for_status(status: int) -> ErrorCode:
     return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST
 
 
-MIDDLEWARES = (request_id_middleware, statistics_middleware, error_middleware)
+MIDDLEWARES = (
+    request_id_middleware,
+    statistics_middleware,
+    error_middleware,
+    rate_limit_middleware,
+    auth_middleware,
+)
