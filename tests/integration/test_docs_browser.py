@@ -102,8 +102,11 @@ def render_page(api_url: str, path: str, screenshot_name: str) -> tuple[RequestL
     ARTIFACTS_DIR.mkdir(exist_ok=True)
 
     with start_playwright() as playwright:
+        # Chromium's own background requests (updates, sign-in, autofill) do not pass
+        # through page.route, so host resolution fails for every host but the node's.
+        resolver_rule = f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {node_host}"
         browser = playwright.chromium.launch(
-            executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True
+            executable_path=chromium_path, args=[*CHROMIUM_ARGS, resolver_rule], headless=True
         )
         try:
             context = browser.new_context(viewport=VIEWPORT, service_workers="block")

@@ -176,6 +176,22 @@ async def test_store_rejects_nan_in_value(client, node: FakeNode):
     assert node.data.store_calls == []
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b'{"key": "a", "key": "b", "value": 1}', b'{"key": "k", "value": {"x": 1, "x": 2}}'],
+)
+async def test_store_rejects_duplicate_keys(client, node: FakeNode, body):
+    async with client.post(
+        "/data/store/", data=body, headers={"Content-Type": "application/json"}
+    ) as response:
+        reply = await response.json()
+
+    assert response.status == 400
+    assert reply["error"]["details"]["field"] == "body"
+    assert "more than once" in reply["error"]["details"]["issue"]
+    assert node.data.store_calls == []
+
+
 async def test_store_value_at_limit(client, node: FakeNode):
     # A JSON string's text is its characters plus two quotes.
     value = "x" * (TEST_MAX_VALUE_BYTES - 2)

@@ -73,7 +73,11 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
         ) from error
 
     try:
-        data = json.loads(text, parse_constant=_reject_non_finite_literal)
+        data = json.loads(
+            text,
+            parse_constant=_reject_non_finite_literal,
+            object_pairs_hook=_object_without_duplicate_keys,
+        )
     except RecursionError as error:
         raise invalid_field(
             BODY_FIELD, "is nested too deeply to parse as JSON"
@@ -115,6 +119,19 @@ def _check_json_content_type(request: web.Request) -> None:
 
 def _reject_non_finite_literal(literal: str) -> NoReturn:
     raise ValueError(f"{literal} is not a JSON number")
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated keys without a word; a request whose
+    # fields contradict each other is rejected instead.
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {json.dumps(key)} appears more than once in one object")
+            seen.add(key)
+    return data
 
 
 def _json_type_name(value: Any) -> str:
