@@ -275,7 +275,7 @@ class Transport:
                     max_msg_size=WEBSOCKET_MAX_MESSAGE_BYTES,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            raise _handshake_error(path, exc) from exc
+            raise await self._refused_handshake_error(path, query, exc) from exc
         except aiohttp.ClientConnectorError as exc:
             raise self._failure(_connect_error(self.base_url, url, exc), exc, True) from exc
         except TimeoutError as exc:
@@ -286,6 +286,31 @@ class Transport:
             raise self._failure(NetworkError(message, url=url), exc, False) from exc
         logger.debug("websocket opened path=%s", path)
         return websocket
+
+
+    async def _refused_handshake_error(
+        self, path: str, query: dict[str, str], exc: aiohttp.WSServerHandshakeError
+    ) -> ApiError:
+        """Build the error of a refused upgrade, with the node's envelope when it can be read.
+
+        aiohttp drops the body of a refused upgrade, so the same request is sent once
+        more as a plain GET: the node checks parameters, token and limits before the
+        upgrade, so it answers with the same status and its error envelope.
+        """
+        if exc.status >= 400:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    async with self._open_session().get(
+                        self.url_for(path), params=query or None, headers=self._headers()
+                    ) as response:
+                        body = _parse_json(await response.text())
+                        if response.status == exc.status and isinstance(body, dict) and "error" in body:
+                            return error_from_response(
+                                response.status, body, response.headers, f"websocket GET {path}"
+                            )
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+        return _handshake_error(path, exc)
 
 
 def _connect_error(base_url: str, url: str, exc: aiohttp.ClientConnectorError) -> NetworkError:
@@ -303,11 +328,8 @@ def _parse_json(text: str) -> Any:
 
 
 def _handshake_error(path: str, exc: aiohttp.WSServerHandshakeError) -> ApiError:
-    """Build the error of a refused websocket upgrade from its status and headers.
-
-    NOTE: aiohttp drops the body of a refused upgrade, so the node's error message and
-    details (such as `field`) are not available here, only the code of the status.
-    """
+    """Build the error of a refused websocket upgrade from its status and headers alone,
+    when the node's error envelope could not be read."""
     headers = exc.headers if exc.headers is not None else CIMultiDict()
     if exc.status >= 400:
         return error_from_response(exc.status, None, headers, f"websocket GET {path}")

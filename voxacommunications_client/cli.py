@@ -702,7 +702,7 @@ FIXED_HINTS: tuple[tuple[type[errors.VoxaError], str], ...] = (
     (errors.RequestTimeout, "raise --timeout or VOXA_TIMEOUT, or check that the node is not overloaded"),
     (errors.NetworkError, "set the node's address with --url or VOXA_URL"),
     (errors.AuthenticationRequired,
-     "pass a token with --token or VOXA_TOKEN, created on the node's machine with 'voxanode token create'"),
+     "pass a token with --token or VOXA_TOKEN"),
     (errors.AuthorizationFailed, "use a token with a higher scope, such as 'voxanode token create --scope write'"),
     (errors.Conflict, "check 'voxa-cli app list' and retry once the other change is done"),
 )

@@ -236,9 +236,13 @@ def test_sync_errors_typed_by_code(client):
     with pytest.raises(NotFound) as no_logs:
         client.apps.logs("app-000000000000")
     assert no_logs.value.status == 404
+    # A refused websocket upgrade still brings the node's message and details.
+    assert "app-000000000000" in no_logs.value.message
     with pytest.raises(InvalidRequest) as bad_type:
         client.events(types=["no_such_event"])
     assert bad_type.value.status == 400
+    assert bad_type.value.field == "types"
+    assert "no_such_event" in bad_type.value.message
 
 
 @pytest.mark.timeout(120)

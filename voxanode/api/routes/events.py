@@ -90,8 +90,8 @@ async def network_events(request: web.Request) -> web.StreamResponse:
     websocket = web.WebSocketResponse(
         heartbeat=HEARTBEAT_SECONDS, max_msg_size=MAX_CLIENT_FRAME_BYTES
     )
-    if not websocket.can_prepare(request).ok:
-        raise _upgrade_required_error()
+    # The parameters are checked before the upgrade, so that a client whose upgrade
+    # was refused can repeat the request as a plain GET to read the error envelope.
     since = _since_parameter(request)
     types = _types_parameter(request)
     streams = request.app[EVENT_STREAMS_KEY]
@@ -104,6 +104,9 @@ async def network_events(request: web.Request) -> web.StreamResponse:
         raise _unknown_since_error(error) from error
     except EventBusClosed as error:
         raise _shutting_down_error() from error
+    if not websocket.can_prepare(request).ok:
+        subscription.close()
+        raise _upgrade_required_error()
 
     try:
         await websocket.prepare(request)

@@ -66,7 +66,8 @@ def _describe(member: Member, own_node_id: str) -> dict:
             "cpu_free_cores": round(load.cpu_free_cores, 2),
             "cpu_cores": load.cpu_cores,
         },
-        "last_seen": isoformat_utc(member.last_seen),
+        # A node hears from itself all the time: its own entry is seen now.
+        "last_seen": isoformat_utc(None if member.node_id == own_node_id else member.last_seen),
         "version": info.version,
         "incarnation": info.incarnation,
         "sequence": info.sequence,
