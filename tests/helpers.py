@@ -6,6 +6,7 @@ The body is the parsed JSON, or the text when the reply is not JSON.
 """
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -83,3 +84,18 @@ def api_get(base_url: str, path: str, *, headers: Mapping[str, str] | None = Non
 def api_post(base_url: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> ApiResponse:
     """POST `body` as JSON to `path`."""
     return api_request("POST", base_url, path, body=body, headers=headers, timeout=timeout)
+
+
+def wait_for(condition, timeout: float, interval: float = 0.5):
+    """Call `condition` until it returns True or `timeout` seconds pass.
+
+    Returns True, or the last value the condition returned, for the failure message.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last is True:
+            return True
+        time.sleep(interval)
+    return last

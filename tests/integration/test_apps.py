@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from event_stream import EventStream
-from helpers import FAST_DAEMON_ARGS, api_get, api_post
+from helpers import FAST_DAEMON_ARGS, api_get, api_post, wait_for
 from voxanode.devnet import Devnet, allocate_free_block
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -52,15 +52,6 @@ def containers_of(app_id: str, running_only: bool = True) -> list[str]:
     return docker(*args).split()
 
 
-def wait_for(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last is True:
-            return True
-        time.sleep(interval)
-    return last
 
 
 @pytest.fixture(scope="module")

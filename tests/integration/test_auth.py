@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from helpers import FAST_DAEMON_ARGS, api_get, api_post, api_request
+from helpers import FAST_DAEMON_ARGS, api_get, api_post, api_request, wait_for
 from voxanode.api.internal_auth import sign_request
 from voxanode.devnet import Devnet, allocate_free_block
 from voxanode.identity import Identity
@@ -166,15 +166,6 @@ def assert_unauthenticated(reply, challenge: str) -> None:
     assert headers["WWW-Authenticate"] == challenge
 
 
-def wait_for(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last is True:
-            return True
-        time.sleep(interval)
-    return last
 
 
 def test_start_warns_without_tokens(network):

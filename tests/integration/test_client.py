@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST_DAEMON_ARGS, api_post
+from helpers import FAST_DAEMON_ARGS, api_post, wait_for
 from voxacommunications_client import (
     AsyncVoxaClient,
     AuthenticationRequired,
@@ -82,15 +82,6 @@ def remove_containers(data_dirs: list[Path]) -> None:
             docker("rm", "-f", *leftovers)
 
 
-def wait_for(condition, timeout: float, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last is True:
-            return True
-        time.sleep(interval)
-    return last
 
 
 def log_stream_closed(node, app_id: str) -> bool:

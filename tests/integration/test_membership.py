@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from event_stream import EventStream
-from helpers import api_get
+from helpers import api_get, wait_for
 
 NODES = 8
 CONVERGE_SECONDS = 20
@@ -25,15 +25,6 @@ def member_view(node) -> dict[str, str]:
     return {entry["node_id"]: entry["status"] for entry in body["nodes"]}
 
 
-def wait_for(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last is True:
-            return True
-        time.sleep(interval)
-    return last
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
 
     if not isinstance(data, dict):
         raise invalid_field(
-            BODY_FIELD, f"must be a JSON object, not {_json_type_name(data)}"
+            BODY_FIELD, f"must be a JSON object, not {json_type_name(data)}"
         )
     return data
 
@@ -134,13 +134,18 @@ def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, An
     return data
 
 
-def _json_type_name(value: Any) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
+def json_type_name(value: Any) -> str:
+    """Name the JSON type of a decoded value for error messages: "a string", "null"."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return "null"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

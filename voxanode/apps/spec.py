@@ -23,7 +23,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from voxanode.api.errors import ApiError, invalid_field
-from voxanode.api.json_body import BODY_FIELD
+from voxanode.api.json_body import BODY_FIELD, json_type_name
 
 BYTES_PER_KIB = 1024
 BYTES_PER_MIB = 1024**2
@@ -888,7 +888,7 @@ def _conversion_error(
 
     if not path and not isinstance(data, dict):
         return invalid_field(
-            BODY_FIELD, f"must be a JSON object, not {_json_type_name(data)}"
+            BODY_FIELD, f"must be a JSON object, not {json_type_name(data)}"
         )
     if rule.startswith("environment") and isinstance(data, dict):
         environment_error = _environment_type_error(data.get("environment"))
@@ -916,7 +916,7 @@ def _environment_type_error(variables: Any) -> ApiError | None:
         if not isinstance(value, str):
             return invalid_field(
                 f"environment.{_shorten(name)}",
-                f"must be a string, not {_json_type_name(value)}. Quote numbers and "
+                f"must be a string, not {json_type_name(value)}. Quote numbers and "
                 'booleans, as in "8080" or "true"',
             )
     return None
@@ -1050,17 +1050,3 @@ def _shown(value: Any) -> str:
     if isinstance(value, str):
         return f'"{_shorten(value, 40)}"'
     return _shorten(repr(value), 40)
-
-
-def _json_type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
