@@ -12,6 +12,7 @@ test module that stops being collected cannot go unnoticed.
 """
 
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
@@ -19,11 +20,12 @@ from typing import Iterator, Protocol, Sequence
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
 # Test modules import the shared helpers as `helpers`, whatever pytest's import mode.
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import FAST_DAEMON_ARGS  # noqa: E402
+from helpers import FAST_DAEMON_ARGS, TEST_IMAGE  # noqa: E402
 from voxanode.devnet import Devnet, allocate_free_block  # noqa: E402
 
 # Extra addresses bind-tested beyond the initial size, for tests that call add_node().
@@ -114,6 +116,25 @@ def devnet_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[D
     if report is not None:
         for number, devnet in enumerate(created):
             report.sections.append((f"devnet {number} node logs", devnet.log_tails(FAILURE_LOG_TAIL_LINES)))
+
+
+# --- the app test image ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_image() -> str:
+    """Build the local app test image once per session (no registry) and return its tag.
+
+    A missing Docker engine fails the tests that use it: the app tests never skip.
+    """
+    completed = subprocess.run(
+        [str(REPO_DIR / "scripts" / "build-test-image")], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, (
+        "the test image could not be built; start dockerd and install busybox-static: "
+        + completed.stderr[-2000:]
+    )
+    return TEST_IMAGE
 
 
 # --- collected test count --------------------------------------------------------------

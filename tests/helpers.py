@@ -13,6 +13,8 @@ import urllib.request
 from typing import Any, Mapping, NamedTuple
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+# The image scripts/build-test-image makes from busybox-static, for the app tests.
+TEST_IMAGE = "voxanode-test/httpd:latest"
 # Daemon flags for tests: no authentication, intervals short enough that republish,
 # sweeps, join retries and routing refreshes happen within a test's time, and API rate
 # limits so high that no test is throttled. Flags given after these override them.

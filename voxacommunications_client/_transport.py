@@ -295,7 +295,7 @@ class Transport:
 
         aiohttp drops the body of a refused upgrade, so the same request is sent once
         more as a plain GET: the node checks parameters, token and limits before the
-        upgrade, so it answers with the same status and its error envelope.
+        upgrade, so it replies with the same status and its error envelope.
         """
         if exc.status >= 400:
             try:

@@ -522,7 +522,7 @@ class Node:
         return list(await asyncio.gather(*(ping(node) for node in chosen)))
 
     def storage_status(self, count_records: bool = False) -> StorageStatus:
-        """Check that the record database answers a query.
+        """Check that the record database responds to a query.
 
         Counting the live records walks the expiry index, so it grows with the store
         and is done only when asked; the health checks need only the query.

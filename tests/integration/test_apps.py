@@ -14,17 +14,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from event_stream import EventStream
-from helpers import FAST_DAEMON_ARGS, api_get, api_post, wait_for
+from helpers import FAST_DAEMON_ARGS, TEST_IMAGE, api_get, api_post, wait_for
 from voxanode.devnet import Devnet, allocate_free_block
 
-REPO_DIR = Path(__file__).resolve().parents[2]
-TEST_IMAGE = "voxanode-test/httpd:latest"
 APP_ARGS = (
     "--apps-reconcile-interval-seconds", "1",
     "--apps-stats-interval-seconds", "2",
@@ -52,17 +49,6 @@ def containers_of(app_id: str, running_only: bool = True) -> list[str]:
     return docker(*args).split()
 
 
-
-
-@pytest.fixture(scope="module")
-def test_image() -> str:
-    completed = subprocess.run(
-        [str(REPO_DIR / "scripts" / "build-test-image")], capture_output=True, text=True, timeout=300
-    )
-    assert completed.returncode == 0, (
-        "the test image could not be built (is dockerd running?): " + completed.stderr[-2000:]
-    )
-    return TEST_IMAGE
 
 
 @pytest.fixture(scope="module")

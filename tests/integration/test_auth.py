@@ -15,7 +15,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,7 +37,6 @@ APP_ARGS = (
     "--apps-stop-timeout-seconds",
     "2",
 )
-TEST_IMAGE = "voxanode-test/httpd:latest"
 HTTPD = {"ports": [{"container_port": 8080}], "resources": {"memory": "64m", "cpu": "0.2"}}
 NODE_LABEL = "io.voxanode.node-id"
 APP_RUNNING_SECONDS = 60
@@ -55,23 +53,6 @@ def docker_available() -> bool:
         ["docker", "info"], capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
     )
     return completed.returncode == 0
-
-
-@pytest.fixture(scope="module")
-def test_image() -> str:
-    if not docker_available():
-        pytest.skip("docker is not installed or its daemon does not answer")
-    completed = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "build-test-image")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, (
-        "the test image could not be built: " + completed.stderr[-2000:]
-    )
-    return TEST_IMAGE
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 
-from helpers import FAST_DAEMON_ARGS, api_get
+from helpers import FAST_DAEMON_ARGS, TEST_IMAGE, api_get
 from voxanode.devnet import Devnet, allocate_free_block
 from voxanode.identity import Identity
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 CLI_COMMAND = (sys.executable, "-m", "voxacommunications_client.cli")
-TEST_IMAGE = "voxanode-test/httpd:latest"
 TEST_IMAGE_START_LINE = "voxanode-test httpd starting on port 8080"
 APP_ARGS = (
     "--apps-reconcile-interval-seconds", "1",
@@ -133,15 +132,6 @@ def interrupt(process: subprocess.Popen) -> tuple[int, str]:
 def home(tmp_path_factory) -> Path:
     """An empty HOME, so no developer's ~/.config/voxa/config.toml is read."""
     return tmp_path_factory.mktemp("cli-home")
-
-
-@pytest.fixture(scope="module")
-def test_image() -> str:
-    completed = subprocess.run(
-        [str(REPO_DIR / "scripts" / "build-test-image")], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert completed.returncode == 0, "the test image could not be built (is dockerd running?): " + completed.stderr[-2000:]
-    return TEST_IMAGE
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST_DAEMON_ARGS, api_post, wait_for
+from helpers import FAST_DAEMON_ARGS, TEST_IMAGE, api_post, wait_for
 from voxacommunications_client import (
     AsyncVoxaClient,
     AuthenticationRequired,
@@ -42,7 +42,6 @@ from voxanode.devnet import Devnet, allocate_free_block
 from voxanode.identity import Identity
 
 REPO_DIR = Path(__file__).resolve().parents[2]
-TEST_IMAGE = "voxanode-test/httpd:latest"
 MISSING_IMAGE = "voxanode-test/not-built-anywhere:1"
 APP_ARGS = (
     "--apps-reconcile-interval-seconds", "1",
@@ -88,17 +87,6 @@ def log_stream_closed(node, app_id: str) -> bool:
     """Return whether the node's log records the end of a logs websocket of `app_id`."""
     lines = node.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     return any("log stream closed" in line and f"app={app_id}" in line for line in lines)
-
-
-@pytest.fixture(scope="module")
-def test_image() -> str:
-    completed = subprocess.run(
-        [str(REPO_DIR / "scripts" / "build-test-image")], capture_output=True, text=True, timeout=300
-    )
-    assert completed.returncode == 0, (
-        "the test image could not be built (is dockerd running?): " + completed.stderr[-2000:]
-    )
-    return TEST_IMAGE
 
 
 def offers_apps(client: VoxaClient, node_ids: set[str]) -> bool:

@@ -20,7 +20,6 @@ import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +27,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import hypothesis
 import jsonschema
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase
@@ -50,8 +48,6 @@ from voxanode.api.app import create_app
 from voxanode.api.routes.docs import OPENAPI_BODY_KEY
 from voxanode.settings import Settings
 
-REPO_DIR = Path(__file__).resolve().parents[2]
-TEST_IMAGE = "voxanode-test/httpd:latest"
 NODE_LABEL = "io.voxanode.node-id"
 # Generated cases per operation and generation mode (positive, negative), on top of
 # the coverage cases. With 150, each route with parameters or a body got 300 to 550
@@ -312,20 +308,6 @@ def test_api_conforms_to_openapi_under_fuzzing(devnet_factory):
 
 
 # --- replies that need state ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def test_image() -> str:
-    completed = subprocess.run(
-        [str(REPO_DIR / "scripts" / "build-test-image")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, (
-        "the test image could not be built (is dockerd running?): " + completed.stderr[-2000:]
-    )
-    return TEST_IMAGE
 
 
 def offers_apps(api_url: str, node_id: str) -> bool:

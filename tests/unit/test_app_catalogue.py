@@ -45,7 +45,7 @@ def report(sequence: int, node_id: str = "node-bbbbbbbbbbbb") -> InstanceReport:
     return InstanceReport(node_id, sequence, {state.instance_id: state})
 
 
-def test_newer_records_replace_older_ones_and_ties_go_by_writer(tmp_path):
+def test_catalogue_keeps_newest_record(tmp_path):
     catalogue = Catalogue(tmp_path / "apps.sqlite3")
     catalogue.open()
     assert catalogue.merge_app(record(2)) is not None
@@ -71,7 +71,7 @@ def test_records_and_reports_survive_a_reopen(tmp_path):
     assert reopened.reports["node-bbbbbbbbbbbb"].instances["inst-000000000001"].host_ports == {"8080/tcp": 32768}
 
 
-def test_a_record_round_trips_through_json():
+def test_record_json_round_trip():
     original = record(4)
     assert AppRecord.from_dict(json.loads(json.dumps(original.to_dict()))) == original
 
@@ -93,7 +93,7 @@ def test_malformed_records_are_refused(change):
         AppRecord.from_dict(data)
 
 
-def test_a_report_may_not_describe_another_nodes_instances():
+def test_report_rejects_foreign_instances():
     data = report(1).to_dict()
     data["node_id"] = "node-cccccccccccc"
     with pytest.raises(CatalogueError, match="own node"):

@@ -27,12 +27,12 @@ def test_replicas_spread_over_nodes_before_doubling_up():
     assert sorted(chosen) == ["a", "a", "b", "b", "c"]
 
 
-def test_the_less_loaded_node_goes_first():
+def test_placement_prefers_less_loaded_node():
     nodes = [node("busy", cpu_percent=90.0), node("idle", cpu_percent=5.0)]
     assert place(nodes, 1, None, None) == ["idle"]
 
 
-def test_a_node_without_idle_cpu_is_used_only_when_nothing_else_fits():
+def test_placement_avoids_node_without_idle_cpu():
     nodes = [node("hot", cores=2, cpu_percent=99.0), node("cool", cores=2, cpu_percent=50.0)]
     assert place(nodes, 1, None, 0.5) == ["cool"]
     assert place([node("hot", cores=2, cpu_percent=99.0)], 1, None, 0.5) == ["hot"]
@@ -49,7 +49,7 @@ def test_memory_is_reserved_by_the_placement_itself():
     assert shortfall.details()["memory_asked_mb"] == 40
 
 
-def test_cpu_over_the_core_count_fits_nowhere_and_says_what_the_best_node_has():
+def test_placement_cpu_over_cores_fails():
     with pytest.raises(PlacementError) as raised:
         place([node("a", cores=2), node("b", cores=4, free_mb=8000)], 1, None, 6.0)
     details = raised.value.shortfall.details()
@@ -66,7 +66,7 @@ def test_excluded_nodes_and_an_empty_network_place_nothing():
     assert "no node" in str(raised.value)
 
 
-def test_extras_come_from_the_node_with_the_most_instances():
+def test_extras_from_fullest_node():
     instances = {"i1": "a", "i2": "a", "i3": "b", "i4": "c"}
     assert choose_extras(instances, 1, {}) == ["i2"]
     removed = choose_extras(instances, 2, {"b": 90.0, "c": 10.0})

@@ -1,4 +1,4 @@
-"""Signed node-to-node requests: a valid signature passes once; anything else is refused."""
+"""Signed node-to-node requests: a valid signature passes once; anything else is rejected."""
 
 import time
 
@@ -26,12 +26,12 @@ def verifier(caller) -> RequestVerifier:
     return RequestVerifier(keys.get, skew_seconds=30)
 
 
-def test_a_signed_request_passes_and_names_the_caller(caller, verifier):
+def test_signed_request_names_caller(caller, verifier):
     headers = sign_request(caller, "POST", "/internal/sync/push", b'{"apps": []}')
     assert verifier.verify("POST", "/internal/sync/push", headers, b'{"apps": []}') == caller.node_id
 
 
-def test_a_replayed_request_is_refused(caller, verifier):
+def test_replayed_request_rejected(caller, verifier):
     headers = sign_request(caller, "GET", "/internal/instances/report")
     verifier.verify("GET", "/internal/instances/report", headers, b"")
     with pytest.raises(SignatureError, match="replay"):
@@ -48,7 +48,7 @@ def test_changing_method_path_or_body_breaks_the_signature(caller, verifier, met
         verifier.verify(method, path, headers, body)
 
 
-def test_an_unknown_node_and_a_stranger_key_are_refused(caller, verifier):
+def test_unknown_node_and_key_rejected(caller, verifier):
     stranger = Identity.generate()
     with pytest.raises(SignatureError, match="not a known member"):
         verifier.verify("GET", "/x", sign_request(stranger, "GET", "/x"), b"")
@@ -58,7 +58,7 @@ def test_an_unknown_node_and_a_stranger_key_are_refused(caller, verifier):
         verifier.verify("GET", "/x", forged, b"")
 
 
-def test_old_requests_and_missing_headers_are_refused(caller, verifier):
+def test_stale_or_unsigned_request_rejected(caller, verifier):
     headers = sign_request(caller, "GET", "/x")
     headers[TIME_HEADER] = str(int((time.time() - 120) * 1000))
     with pytest.raises(SignatureError, match="clock skew"):

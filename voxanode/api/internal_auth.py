@@ -1,8 +1,8 @@
 """Signed node-to-node HTTP requests.
 
 A node calls another node's `/internal/` routes with four headers: its DHT id in hex,
-the send time in milliseconds, a random nonce, and an Ed25519 signature over the
-method, path with query, time, nonce and the SHA-256 of the body. The receiving node
+the send time in milliseconds, a random nonce, and an Ed25519 signature. The signature
+covers the method, path with query, time, nonce and the SHA-256 of the body. The receiving node
 checks the signature against the public key that the caller announced in membership
 gossip, rejects a time outside the clock-skew window, and rejects a nonce it has seen
 inside that window, so a captured request cannot be replayed.
@@ -50,7 +50,7 @@ def sign_request(identity: Identity, method: str, path_qs: str, body: bytes = b"
 
 
 class RequestVerifier:
-    """Checks signed requests against the public keys membership knows."""
+    """A checker of signed requests against the public keys announced in membership."""
 
     def __init__(self, public_key_of: Callable[[bytes], bytes | None], skew_seconds: float):
         self.public_key_of = public_key_of

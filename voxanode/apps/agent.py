@@ -1,7 +1,7 @@
 """The local agent: makes this node's containers match the instances assigned to it.
 
-The catalogue says which instances each node should run. `converge()` compares that
-with the containers Docker holds under this node's label: it starts assigned
+The catalogue lists the instances each node should run. `converge()` compares that
+with the containers Docker keeps under this node's label: it starts assigned
 instances that never ran here, adopts containers that already run (after a daemon
 restart), marks instances whose container exited or vanished as failed (the
 responsible node replaces them), and stops and removes containers of instances that
@@ -15,6 +15,7 @@ their own loops and update the report in place.
 import asyncio
 import logging
 import time
+from datetime import datetime
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -45,8 +46,6 @@ EXITED_STATES = ("exited", "dead")
 def _parse_docker_time(text: str | None) -> float | None:
     if not text or text.startswith("0001-"):
         return None
-    from datetime import datetime
-
     # Docker gives nanoseconds; Python parses microseconds.
     trimmed = text.rstrip("Z")
     if "." in trimmed:

@@ -1,14 +1,15 @@
-"""The app catalogue every node holds: app records and the nodes' instance reports.
+"""The app catalogue every node keeps: app records and the nodes' instance reports.
 
 An `AppRecord` is the desired state of one app: its spec, the number of replicas,
 whether it is active, and which node each instance is assigned to. Records are
 written by the node responsible for the app and ordered by (version, writer), so
-every node that has seen the same writes holds the same record. An `InstanceReport`
+every node that has seen the same writes has the same record. An `InstanceReport`
 is one node's account of its own containers; only that node writes it, and a higher
 `sequence` replaces a lower one.
 
-Both are kept in SQLite under the data dir, so a restarted node answers from the
-catalogue it had, and the sync exchange (`voxanode.apps.sync`) brings it up to date.
+Both are kept in SQLite under the data dir, so a restarted node serves the catalogue
+it had, and the controller's digest exchange (`voxanode.apps.controller`) brings it up
+to date.
 """
 
 import json
@@ -319,7 +320,7 @@ class Catalogue:
         """Compare a peer's digest with what is held.
 
         Returns the records and reports the peer lacks, and the app ids and node ids
-        of which the peer holds newer versions.
+        of which the peer has newer versions.
         """
         their_apps = digest.get("apps", {}) if isinstance(digest, dict) else {}
         their_reports = digest.get("reports", {}) if isinstance(digest, dict) else {}

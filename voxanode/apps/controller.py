@@ -1,4 +1,4 @@
-"""The app controller: deploy, scale and stop apps, keep their replicas, answer status.
+"""The app controller: deploy, scale and stop apps, keep their replicas, report status.
 
 Each app has one responsible node: the online member offering app deployment whose
 DHT id is XOR-closest to the SHA-1 of the app's name. Every change of an app (deploy,
@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from voxanode.api.errors import ApiError, ErrorCode
+from voxanode.api.timestamps import isoformat_utc
 from voxanode.apps.agent import LocalAgent
 from voxanode.apps.catalogue import (
     HEALTH_HEALTHY,
@@ -70,6 +71,7 @@ STATUS_FETCH_TIMEOUT_SECONDS = 2.0
 COMMAND_CALL_TIMEOUT_SECONDS = 120.0
 # Time after start before an assigned node that membership never heard of is lost.
 UNKNOWN_NODE_GRACE_SECONDS = 60.0
+HEALTH_LOOP_SECONDS = 1.0
 
 
 def new_app_id() -> str:
@@ -81,11 +83,7 @@ def new_instance_id() -> str:
 
 
 def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    from voxanode.api.timestamps import isoformat_utc
-
-    return isoformat_utc(epoch)
+    return None if epoch is None else isoformat_utc(epoch)
 
 
 class AppController:
@@ -103,9 +101,9 @@ class AppController:
         )
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        self._reconcile_wanted = asyncio.Event()
-        self._converge_wanted = asyncio.Event()
-        self._report_push_wanted = asyncio.Event()
+        self._reconcile_requested = asyncio.Event()
+        self._converge_requested = asyncio.Event()
+        self._report_push_requested = asyncio.Event()
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._retry_after: dict[str, float] = {}
         self._excluded_nodes: dict[str, dict[str, float]] = {}
@@ -150,7 +148,7 @@ class AppController:
     async def _connect_engine(self) -> None:
         if await self.runtime.start():
             self._set_capability(True)
-            self._converge_wanted.set()
+            self._converge_requested.set()
         else:
             self._set_capability(False)
 
@@ -186,10 +184,10 @@ class AppController:
     def _node_lost(self, node_id: str) -> bool:
         """Return whether a node's instances must be replaced elsewhere.
 
-        A node membership reports offline or left is lost. A node this node has not
-        heard of since it started counts as lost only after a grace period: right
-        after a restart the member list is still filling, and replacing the
-        instances of every node not yet heard from would double them.
+        A node that membership reports offline or left is lost. A node not heard of
+        since this one started is lost only after a grace period. Right after a
+        restart the member list is still filling, and replacing the instances of every
+        node not yet heard from would run them twice.
         """
         member = self._members().get(node_id)
         if member is not None:
@@ -208,7 +206,7 @@ class AppController:
 
     def on_member_change(self, member: Member, change: Any) -> None:
         """Membership changed: recheck the apps, and share the catalogue with newcomers."""
-        self._reconcile_wanted.set()
+        self._reconcile_requested.set()
         if change.value in ("joined", "rejoined") and member.node_id != self.node_id:
             self._spawn(self._sync_with(member))
 
@@ -387,7 +385,7 @@ class AppController:
                  "instances_failed": len(failed)},
             )
         if failed:
-            self._reconcile_wanted.set()
+            self._reconcile_requested.set()
         return {
             "success": True,
             "message": "Application deployed successfully"
@@ -486,7 +484,7 @@ class AppController:
         """Store `record`, have the nodes concerned act on it, and send it to the rest.
 
         The nodes named in its assignments (or `apply_to`) converge on it before
-        answering; their instance states for the app are returned.
+        replying; their instance states for the app are returned.
         """
         self.merge_record(record)
         targets = set(record.assignments.values()) if apply_to is None else set(apply_to)
@@ -497,7 +495,7 @@ class AppController:
                 calls.append(self._apply_locally(record.app_id))
             elif node_id in members:
                 calls.append(self._apply_remote(members[node_id], record))
-        # The other members get the record before the user gets an answer, so that a
+        # The other members get the record before the user gets the reply, so that a
         # read from any node right after a change already shows it.
         others = [
             m for m in members.values()
@@ -577,7 +575,7 @@ class AppController:
             if report.node_id == self.node_id:
                 continue
             if self.catalogue.merge_report(report):
-                self._reconcile_wanted.set()
+                self._reconcile_requested.set()
 
     def merge_push(self, payload: Any) -> None:
         self._merge_payload(payload)
@@ -593,8 +591,8 @@ class AppController:
 
     def _record_changed(self, previous: AppRecord | None, record: AppRecord) -> None:
         """Publish app events for a record change and let the local agent act on it."""
-        self._converge_wanted.set()
-        self._reconcile_wanted.set()
+        self._converge_requested.set()
+        self._reconcile_requested.set()
         subject = {"app_id": record.app_id}
         old_phase = previous.phase if previous else None
         if record.phase != old_phase:
@@ -620,8 +618,8 @@ class AppController:
             )
 
     def _own_report_changed(self) -> None:
-        self._report_push_wanted.set()
-        self._reconcile_wanted.set()
+        self._report_push_requested.set()
+        self._reconcile_requested.set()
         self._refresh_load()
 
     def _refresh_load(self) -> None:
@@ -638,6 +636,13 @@ class AppController:
 
     # -- loops ---------------------------------------------------------------------------
 
+    async def _sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or less when the controller stops."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
     async def _wait(self, event: asyncio.Event, seconds: float) -> None:
         try:
             await asyncio.wait_for(event.wait(), timeout=seconds)
@@ -648,7 +653,7 @@ class AppController:
     async def _converge_loop(self) -> None:
         next_engine_try = 0.0
         while not self._stop.is_set():
-            await self._wait(self._converge_wanted, self.settings.apps_reconcile_interval_seconds)
+            await self._wait(self._converge_requested, self.settings.apps_reconcile_interval_seconds)
             if not self.runtime.available:
                 if time.monotonic() >= next_engine_try:
                     next_engine_try = time.monotonic() + ENGINE_RETRY_SECONDS
@@ -661,7 +666,7 @@ class AppController:
 
     async def _reconcile_loop(self) -> None:
         while not self._stop.is_set():
-            await self._wait(self._reconcile_wanted, self.settings.apps_reconcile_interval_seconds)
+            await self._wait(self._reconcile_requested, self.settings.apps_reconcile_interval_seconds)
             for record in list(self.catalogue.apps.values()):
                 if record.state != STATE_ACTIVE:
                     continue
@@ -783,13 +788,14 @@ class AppController:
             return False
         return True
 
-    def _ended_for_good(self, record: AppRecord) -> int:
-        count = 0
+    def _ended_for_good(self, record: AppRecord) -> list[InstanceState]:
+        """Return the ended instances that the restart policy does not replace."""
+        ended = []
         for instance_id, node_id in record.assignments.items():
             state = self._instance_state(instance_id, node_id)
             if state is not None and state.status == INSTANCE_FAILED and not self._replaces(record, state):
-                count += 1
-        return count
+                ended.append(state)
+        return ended
 
     def _healthy_running(self, record: AppRecord, assignments: dict[str, str]) -> int:
         count = 0
@@ -812,20 +818,16 @@ class AppController:
         if record.failures >= FAILURES_BEFORE_FAILED and healthy == 0:
             return PHASE_FAILED
         ended = self._ended_for_good(record)
-        if ended and ended == len(record.assignments) and any(
-            self._instance_state(i, n) is not None and self._instance_state(i, n).exit_code != 0
-            for i, n in record.assignments.items()
-        ):
-            return PHASE_FAILED
-        if ended and ended == len(record.assignments):
-            return PHASE_STOPPED
+        if ended and len(ended) == len(record.assignments):
+            # Every instance ended and the restart policy keeps them: the app is done.
+            return PHASE_FAILED if any(state.exit_code != 0 for state in ended) else PHASE_STOPPED
         if record.phase in (PHASE_RUNNING, PHASE_DEGRADED):
             return PHASE_DEGRADED
         return PHASE_DEPLOYING
 
     async def _sync_loop(self) -> None:
         while not self._stop.is_set():
-            await self._wait(asyncio.Event(), self.settings.apps_sync_interval_seconds * random.uniform(0.8, 1.2))
+            await self._sleep(self.settings.apps_sync_interval_seconds * random.uniform(0.8, 1.2))
             members = [m for m in self._members().values() if m.reachable and m.node_id != self.node_id]
             if members:
                 await self._sync_with(random.choice(members))
@@ -843,17 +845,17 @@ class AppController:
         if status != 200 or not isinstance(answer, dict):
             return
         self._merge_payload(answer)
-        wanted_apps = [self.catalogue.apps[i] for i in answer.get("want_apps", []) if i in self.catalogue.apps]
-        wanted_reports = [
+        requested_apps = [self.catalogue.apps[i] for i in answer.get("want_apps", []) if i in self.catalogue.apps]
+        requested_reports = [
             self.catalogue.reports[n] for n in answer.get("want_reports", []) if n in self.catalogue.reports
         ]
-        if wanted_apps or wanted_reports:
-            await self._push_to([member], wanted_apps, wanted_reports)
+        if requested_apps or requested_reports:
+            await self._push_to([member], requested_apps, requested_reports)
 
     async def _report_push_loop(self) -> None:
         while not self._stop.is_set():
-            await self._report_push_wanted.wait()
-            self._report_push_wanted.clear()
+            await self._report_push_requested.wait()
+            self._report_push_requested.clear()
             # Coalesce the changes of one converge pass into one push.
             await asyncio.sleep(0.05)
             members = [m for m in self._members().values() if m.reachable and m.node_id != self.node_id]
@@ -863,7 +865,7 @@ class AppController:
     async def _health_loop(self) -> None:
         self._health_session = aiohttp.ClientSession()
         while not self._stop.is_set():
-            await self._wait(asyncio.Event(), 1.0)
+            await self._sleep(HEALTH_LOOP_SECONDS)
             try:
                 await self.agent.check_health_once(self._health_session)
             except Exception:  # noqa: BLE001
@@ -871,7 +873,7 @@ class AppController:
 
     async def _stats_loop(self) -> None:
         while not self._stop.is_set():
-            await self._wait(asyncio.Event(), self.settings.apps_stats_interval_seconds)
+            await self._sleep(self.settings.apps_stats_interval_seconds)
             if self.runtime.available:
                 try:
                     await self.agent.collect_stats_once()
@@ -1036,7 +1038,7 @@ class AppController:
             await lines.aclose()
 
     def sync_payload_for(self, app_id: Any) -> dict:
-        """The record of `app_id` and every held report, to send with a command answer."""
+        """Return the record of `app_id` and every held report, sent with a command reply."""
         record = self.catalogue.apps.get(app_id) if isinstance(app_id, str) else None
         return {
             "apps": [record.to_dict()] if record else [],

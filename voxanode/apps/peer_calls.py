@@ -25,8 +25,8 @@ MAX_STREAM_LINE_BYTES = 1024 * 1024
 class PeerCallError(Exception):
     """A node-to-node call that got no usable response.
 
-    `status` is the HTTP status when the peer answered, else None; `body` is its JSON
-    answer when it had one.
+    `status` is the HTTP status when the peer replied, else None. `body` is its JSON
+    reply when it had one.
     """
 
     def __init__(self, node_id: str, reason: str, status: int | None = None, body: Any = None):
@@ -73,8 +73,8 @@ class PeerCalls:
     ) -> tuple[int, Any]:
         """Send one signed request and return (status, JSON body).
 
-        Any answer with a JSON body is returned, whatever its status; no answer, or
-        an answer that is not JSON, raises PeerCallError.
+        A reply with a JSON body is returned, whatever its status. No reply, or a
+        reply that is not JSON, raises PeerCallError.
         """
         body = b"" if payload is None else json.dumps(payload).encode()
         headers = sign_request(self.identity, method, path_qs, body)
@@ -105,7 +105,7 @@ class PeerCalls:
     async def stream_lines(
         self, node_id: str, address: tuple[str, int], path_qs: str, *, connect_timeout: float = 10.0
     ) -> AsyncIterator[Any]:
-        """Yield the JSON objects of a newline-delimited JSON answer as they arrive."""
+        """Yield the JSON objects of a newline-delimited JSON response as they arrive."""
         headers = sign_request(self.identity, "GET", path_qs, b"")
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=None)
         try:

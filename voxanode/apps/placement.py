@@ -1,8 +1,8 @@
 """Choosing nodes for new instances of an app.
 
-A node is a candidate when it offers app deployment, its gossiped free memory covers
-the app's memory request after subtracting what this placement already put on it,
-and it has at least as many cores as the app's CPU limit. Among candidates, a node
+A node is a candidate when it offers app deployment and has at least as many cores as
+the app's CPU limit. Its gossiped free memory must also cover the app's memory
+request, after subtracting what this placement already put on it. Among candidates, a node
 with fewer instances of the app wins (replicas spread across nodes before any node
 gets a second one), then a node whose idle CPU covers the request, then the less
 loaded node. Idle CPU is a preference rather than a condition: the CPU figure is a
@@ -18,7 +18,7 @@ ACTIVE_APP_WEIGHT = 0.05
 
 @dataclass
 class NodeCapacity:
-    """What placement knows of one node: room left, load, and this app's instances."""
+    """The figures placement uses for one node: room left, load, and this app's instances."""
 
     node_id: str
     memory_free_bytes: int
@@ -41,7 +41,7 @@ class NodeCapacity:
 
 @dataclass(frozen=True)
 class PlacementShortfall:
-    """Why an app did not fit: what one instance asks and the most any node offers."""
+    """The reason an app did not fit: what one instance requests and the most any node offers."""
 
     placed: int
     wanted: int

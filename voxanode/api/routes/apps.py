@@ -1,8 +1,8 @@
 """The app routes: deploy, list, status, stop, scale, and the logs websocket.
 
-Any node answers every route. Changes go to the app's responsible node (see
-`voxanode.apps.controller`); list and status answer from this node's catalogue, with
-the instance figures of the nodes running the app fetched fresh for status.
+Every node serves every route. Changes go to the app's responsible node (see
+`voxanode.apps.controller`). List and status read this node's catalogue, and status
+first fetches fresh instance figures from the nodes running the app.
 
 `WebSocket /ws/apps/{app_id}/logs` merges the log lines of every instance of the app,
 wherever it runs, as JSON text frames: `timestamp`, `level`, `message`,

@@ -1,17 +1,17 @@
-"""Node-to-node routes under `/internal/`, answered only to requests signed by a member.
+"""Node-to-node routes under `/internal/`, served only to requests signed by a member.
 
 - `POST /internal/sync/push`: app records and instance reports to merge.
-- `POST /internal/sync/digest`: a catalogue digest; the answer carries what the
+- `POST /internal/sync/digest`: a catalogue digest; the response carries what the
   caller lacks and lists what this node lacks.
 - `POST /internal/apps/command`: a deploy, scale or stop for which this node is the
-  responsible node; the answer is the public API's answer or its error envelope.
-- `POST /internal/instances/apply`: an app record to act on now; answered after this
+  responsible node; the response is the public API's reply or its error envelope.
+- `POST /internal/instances/apply`: an app record to act on now; the reply comes after this
   node's containers match it, with this node's instance report.
 - `GET /internal/instances/report`: this node's instance report, freshly collected.
 - `GET /internal/instances/logs?instance_id=&tail=&follow=`: the log lines of one
   local instance as newline-delimited JSON, until the container stops.
 
-A request without a valid signature is answered 401 AUTHENTICATION_REQUIRED.
+A request without a valid signature gets 401 AUTHENTICATION_REQUIRED.
 """
 
 import asyncio
@@ -65,7 +65,7 @@ async def _verified(request: web.Request) -> tuple[str, bytes]:
         raise ApiError(
             401,
             ErrorCode.AUTHENTICATION_REQUIRED,
-            "this route answers only requests signed by a member node",
+            "this route serves only requests signed by a member node",
             {"reason": str(error)},
             headers={"WWW-Authenticate": 'VoxaNode realm="internal"'},
         ) from error
@@ -118,8 +118,8 @@ async def app_command(request: web.Request) -> web.Response:
     try:
         answer = await apps.execute(command, origin_request)
     except ApiError as error:
-        # The caller answers its user from its own catalogue next, so the record
-        # travels with the answer, also for a failed deploy.
+        # The caller replies to its user from its own catalogue next, so the record
+        # travels with the error too, as for a failed deploy.
         body = error_body(error, origin_request)
         body["_sync"] = apps.sync_payload_for(error.details.get("app_id"))
         return web.json_response(body, status=error.status)
