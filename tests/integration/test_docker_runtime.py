@@ -638,7 +638,7 @@ async def test_registry_not_allowed_before_pull(runtime_factory, engine_recorder
     else:
         assert len(paths) == 1, paths
         assert paths[0].startswith("GET "), paths
-    assert paths[0].endswith("/json"), paths
+        assert paths[0].endswith("/json"), paths
 
 
 async def test_no_allowed_registry_rejects_every_pull(runtime_factory, engine_recorder):
