@@ -7,7 +7,7 @@ which starts the node, waits for SIGTERM or SIGINT, and stops it.
 """
 
 import asyncio
-import errno
+import importlib
 import json
 import logging
 import os
@@ -17,33 +17,32 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node as KademliaNode
 
 from voxanode import __version__
-from voxanode.apps.catalogue import DATABASE_FILE_NAME as APPS_DATABASE_FILE_NAME
-from voxanode.apps.catalogue import Catalogue
-from voxanode.apps.controller import AppController
-from voxanode.apps.peer_calls import PeerCalls
-from voxanode.apps.runtime import DockerRuntime
+from voxanode.api.listen import BIND_ERRNOS, bind_api_sockets
 from voxanode.dht.records import RECORD_OVERHEAD_BYTES, now_millis
 from voxanode.dht.service import DataLimits, DataService, run_periodically
 from voxanode.dht.store import DATABASE_FILE_NAME, RecordStore
 from voxanode.events import EventBus
 from voxanode.identity import Identity, readable_node_id
 from voxanode.membership.load import sample_load
-from voxanode.membership.state import Change, Member, NodeInfo, NodeLoad
+from voxanode.membership.state import Change, Member, NodeInfo
 from voxanode.membership.swim import Membership, SwimConfig
 from voxanode.peer.protocol import PeerProtocol, PeerStats, peer_label
 from voxanode.peer.sealing import Keyring
 from voxanode.settings import BindError, Settings
 
+if TYPE_CHECKING:
+    from voxanode.apps.controller import AppController
+
 PEERS_FILE_NAME = "peers.json"
 PEERS_FILE_VERSION = 1
 MAX_SAVED_PEERS = 64
 PEERS_SAVE_DELAY_SECONDS = 2.0
-BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 LOOP_STOP_GRACE_SECONDS = 0.5
 
 logger = logging.getLogger(__name__)
@@ -67,6 +66,16 @@ class StorageStatus:
     ok: bool
     records: int
     detail: str
+
+
+# Imported in a worker thread while the node joins: the app controller with the Docker
+# SDK, and the aiohttp server with the API routes.
+LATE_MODULES = ("voxanode.apps.controller", "voxanode.apps.runtime", "voxanode.api.app")
+
+
+def _import_late_modules() -> None:
+    for name in LATE_MODULES:
+        importlib.import_module(name)
 
 
 class Node:
@@ -103,8 +112,10 @@ class Node:
             buffer_size=settings.event_buffer_size,
             client_queue_size=settings.event_client_queue_size,
         )
-        self.apps: AppController | None = None
+        self.apps: "AppController | None" = None
         self.api_runner = None
+        self._api_sockets: list[socket.socket] = []
+        self._membership_started = False
         self._stop_requested = asyncio.Event()
         self._loops_stop = asyncio.Event()
         self._loops: set[asyncio.Task] = set()
@@ -136,18 +147,30 @@ class Node:
         self._stop_requested.set()
 
     async def start(self) -> None:
-        """Open the store, bind the peer socket and the API, start the loops."""
+        """Open the store, bind the sockets, join, then start the apps, API and loops.
+
+        The node joins the network as soon as both sockets are bound, so that other
+        members list it while the modules of the app controller and the API (the
+        Docker SDK and the aiohttp server, a few hundred milliseconds) are still being
+        imported in a worker thread. Binding the API socket first means a port in use
+        fails the start before the node has told anyone about itself.
+        """
         self.started_at = time.time()
         try:
             self.store.open()
             await self._start_peer_socket()
+            self._api_sockets = bind_api_sockets(self.settings)
             self._start_membership()
+            self.membership.start()
+            self._membership_started = True
+            self._start_loop("membership", self._maintain_membership())
+            await asyncio.get_running_loop().run_in_executor(None, _import_late_modules)
             self._create_app_controller()
             from voxanode.api.app import start_api
 
-            self.api_runner = await start_api(self)
+            sockets, self._api_sockets = self._api_sockets, []
+            self.api_runner = await start_api(self, sockets)
             self._start_loops()
-            self.membership.start()
             await self.apps.start()
         except BaseException:
             await self.stop()
@@ -240,6 +263,12 @@ class Node:
         )
 
     def _create_app_controller(self) -> None:
+        from voxanode.apps.catalogue import DATABASE_FILE_NAME as APPS_DATABASE_FILE_NAME
+        from voxanode.apps.catalogue import Catalogue
+        from voxanode.apps.controller import AppController
+        from voxanode.apps.peer_calls import PeerCalls
+        from voxanode.apps.runtime import DockerRuntime
+
         settings = self.settings
         publish_host = settings.apps_publish_host or settings.api_host
         if publish_host in ("", "0.0.0.0", "::"):
@@ -283,31 +312,25 @@ class Node:
 
     def _start_loops(self) -> None:
         settings = self.settings
-        jobs = [
-            ("membership", self._maintain_membership(), None),
-            (
+        self._start_loop(
+            "republish",
+            run_periodically(
                 "republish",
-                run_periodically(
-                    "republish",
-                    settings.republish_interval_seconds,
-                    self.data.republish_once,
-                    self._loops_stop,
-                    self.data.republish_wanted,
-                ),
-                None,
+                settings.republish_interval_seconds,
+                self.data.republish_once,
+                self._loops_stop,
+                self.data.republish_wanted,
             ),
-            (
-                "sweep",
-                run_periodically(
-                    "sweep", settings.sweep_interval_seconds, self.data.sweep_once, self._loops_stop
-                ),
-                None,
-            ),
-        ]
-        for name, coroutine, _ in jobs:
-            task = asyncio.get_running_loop().create_task(coroutine, name=f"voxanode-{name}")
-            self._loops.add(task)
-            task.add_done_callback(self._loop_finished)
+        )
+        self._start_loop(
+            "sweep",
+            run_periodically("sweep", settings.sweep_interval_seconds, self.data.sweep_once, self._loops_stop),
+        )
+
+    def _start_loop(self, name: str, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=f"voxanode-{name}")
+        self._loops.add(task)
+        task.add_done_callback(self._loop_finished)
 
     def _loop_finished(self, task: asyncio.Task) -> None:
         self._loops.discard(task)
@@ -317,7 +340,9 @@ class Node:
     async def stop(self) -> None:
         """Stop the loops, the API and the peer socket, and close the store. Safe twice."""
         errors = []
-        if self.membership is not None and self._started:
+        if self.membership is not None and self._membership_started:
+            # Others may list this node already, even when the start failed later on.
+            self._membership_started = False
             await self.membership.leave()
         self._loops_stop.set()
         if self.membership is not None:
@@ -331,6 +356,9 @@ class Node:
             if pending:
                 await asyncio.wait(pending, timeout=2)
 
+        for sock in self._api_sockets:
+            sock.close()
+        self._api_sockets = []
         if self.api_runner is not None:
             runner, self.api_runner = self.api_runner, None
             try:

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ import psutil
 import pytest
 
 from event_stream import EventStream
-from helpers import api_get, wait_for
+from helpers import FAST_DAEMON_ARGS, api_get, wait_for
+from voxanode.devnet import node_address
 
 NODES = 8
 CONVERGE_SECONDS = 20
@@ -44,6 +46,34 @@ def test_members_converge_everywhere(network):
         return all(set(view) == ids and set(view.values()) == {"online"} for view in views) or views
 
     assert wait_for(converged, CONVERGE_SECONDS) is True
+
+
+def test_node_whose_api_port_is_taken_never_joins(devnet_factory, tmp_path):
+    """The API socket is bound before the join, so a port in use stops the node unseen."""
+    network = devnet_factory(1)
+    first = network.nodes[0]
+    first_id = first.fetch_node_id()
+    host = node_address(network.first_address, 1)
+    with socket.socket() as taken:
+        taken.bind((host, network.api_port))
+        taken.listen()
+        completed = subprocess.run(
+            [
+                sys.executable, "-m", "voxanode", *FAST_DAEMON_ARGS,
+                "--data-dir", str(tmp_path / "late"),
+                "--api-host", host, "--api-port", str(network.api_port),
+                "--peer-host", host, "--peer-port", str(network.peer_port),
+                "--bootstrap", first.peer_address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert completed.returncode == 2, completed.stderr
+    assert f"invalid setting api_port={network.api_port}" in completed.stderr
+    # Two gossip rounds and a probe would have carried a join to the first node.
+    time.sleep(2)
+    assert member_view(first) == {first_id: "online"}
 
 
 def test_killed_node_offline_and_stopped_node_left(network):

@@ -3,7 +3,6 @@
 The caller owns the returned runner and stops the server with `await runner.cleanup()`.
 """
 
-import errno
 import logging
 import socket
 from typing import Any
@@ -17,11 +16,8 @@ from voxanode.api.middlewares import MIDDLEWARES, add_request_id_header
 from voxanode.api.ratelimit import setup_rate_limits
 from voxanode.api.routes import apps, connectivity, data, docs, events, info, internal, nodes, status
 from voxanode.api.stats import RequestStats
-from voxanode.settings import BindError, format_peer_address
-
-# Bind failures that mean the configured address or port cannot be used, as opposed
-# to a bug or a resource shortage.
-BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+from voxanode.api.listen import bind_api_sockets
+from voxanode.settings import format_peer_address
 
 logger = logging.getLogger(__name__)
 
@@ -50,30 +46,29 @@ def create_app(node: ApiNode) -> web.Application:
     return app
 
 
-async def start_api(node: ApiNode) -> web.AppRunner:
-    """Serve the API on `settings.api_host`:`settings.api_port` and return the runner.
+async def start_api(node: ApiNode, sockets: list[socket.socket] | None = None) -> web.AppRunner:
+    """Serve the API on `sockets`, bound and listening, and return the runner.
 
-    Raises BindError for "api_port" when the address is in use, not local or not
-    permitted, and for "api_host" when the host name does not resolve.
+    Without `sockets` it binds them from `settings.api_host` and `settings.api_port`,
+    raising BindError as `bind_api_sockets` does.
     """
     settings = node.settings
-    host, port = settings.api_host, settings.api_port
-
+    if sockets is None:
+        sockets = bind_api_sockets(settings)
     runner = web.AppRunner(
         create_app(node),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout_seconds,
     )
-    await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as error:
+        await runner.setup()
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+    except BaseException:
         await runner.cleanup()
-        if isinstance(error, socket.gaierror):
-            raise BindError("api_host", host, port, error) from error
-        if error.errno in BIND_ERRNOS:
-            raise BindError("api_port", host, port, error) from error
+        for sock in sockets:
+            sock.close()
         raise
 
     addresses = ", ".join(_format_address(address) for address in runner.addresses)

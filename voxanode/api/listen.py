@@ -1,0 +1,48 @@
+"""The API's listening sockets, bound before the aiohttp server exists.
+
+The node binds them right after its peer socket, so that a port in use stops the start
+before the node joins the network, and hands them to the server once its modules are
+imported.
+"""
+
+import errno
+import socket
+
+from voxanode.settings import BindError, Settings
+
+API_LISTEN_BACKLOG = 128
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def bind_api_sockets(settings: Settings) -> list[socket.socket]:
+    """Bind the API's listening sockets, one per address that `api_host` resolves to.
+
+    This is what the aiohttp site would do on start, done early so that a port in use
+    stops the node before it joins. Raises BindError for "api_host" when the name does
+    not resolve and for "api_port" when an address is in use, not local or not allowed.
+    """
+    host, port = settings.api_host, settings.api_port
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise BindError("api_host", host, port, error) from error
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(API_LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        if error.errno in BIND_ERRNOS:
+            raise BindError("api_port", host, port, error) from error
+        raise
+    return sockets
