@@ -8,8 +8,10 @@ replaces the old one, so a reader sees the old or the new file, never a partial 
 Changes go through `create_token` and `revoke_token`, which hold an exclusive lock on
 `tokens.json.lock` while they read, change and write the file.
 
-The running daemon keeps a `TokenStore`: it rereads the file when its stat signature
-changes, so created and revoked tokens take effect without a restart.
+The running daemon keeps a `TokenStore`: it checks the file's stat signature at most
+once per `TOKEN_FILE_CHECK_INTERVAL_SECONDS`, and at once for a token it does not know,
+and rereads the file when the signature changed. So a created token works at once and
+a revoked one is rejected within that interval, without a restart.
 """
 
 import base64
@@ -25,6 +27,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,10 @@ TOKEN_PATTERN = re.compile(r"voxa_[A-Za-z0-9_-]{43}")
 TOKEN_ID_PATTERN = re.compile(r"tok-[0-9a-f]{8}")
 TOKEN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SHA256_HEX_PATTERN = re.compile(r"[0-9a-f]{64}")
+# The API checks the token file's stat signature at most this often while known tokens
+# arrive, so a revoked token is rejected within this time. In a py-spy profile, one
+# stat per request cost about 9 µs of a 230 µs retrieve.
+TOKEN_FILE_CHECK_INTERVAL_SECONDS = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +67,14 @@ class Scope(enum.StrEnum):
     @property
     def rank(self) -> int:
         """Position in the order read < write < admin."""
-        return list(Scope).index(self)
+        return _SCOPE_RANKS[self]
 
     def allows(self, required: "Scope") -> bool:
         """Return whether a token of this scope may do what `required` guards."""
-        return self.rank >= required.rank
+        return _SCOPE_RANKS[self] >= _SCOPE_RANKS[required]
 
 
+_SCOPE_RANKS = {scope: rank for rank, scope in enumerate(Scope)}
 SCOPE_NAMES = tuple(scope.value for scope in Scope)
 
 
@@ -382,22 +390,36 @@ class TokenStore:
     """The tokens of one token file, reread whenever the file changes.
 
     `refresh` compares the file's stat signature (inode, size, modification time) with
-    that of the last read, so an unchanged file costs one stat call. When the file
+    that of the last read, so an unchanged file costs one stat call. The API calls
+    `refresh_if_due`, which makes that call at most once per check interval. When the file
     fails to read or parse, the store keeps the tokens of the last good read and logs
     one error. It reads that broken file again only after the file changes.
     """
 
-    def __init__(self, path: Path):
+    def __init__(
+        self, path: Path, check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS
+    ):
         self.path = Path(path)
+        self.check_interval_seconds = check_interval_seconds
         self._tokens: tuple[_LoadedToken, ...] = ()
         # The stat result of the last read, or ("stat failed", errno) after a failed stat.
         self._signature: tuple[object, ...] | None = None
         self._read_once = False
+        # time.monotonic() after which refresh_if_due checks the file again.
+        self._next_check = 0.0
 
     @property
     def active_count(self) -> int:
         """Number of tokens that are not revoked, as of the last good read."""
         return sum(1 for token in self._tokens if token.record.active)
+
+    def refresh_if_due(self) -> None:
+        """Call `refresh` unless it ran less than `check_interval_seconds` ago."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_interval_seconds
+        self.refresh()
 
     def refresh(self) -> None:
         """Reread the token file if it changed since the last call."""
@@ -407,7 +429,7 @@ class TokenStore:
             self._forget_all()
             return
         except OSError as error:
-            # Logged once per failure kind, because every request calls refresh.
+            # Logged once per failure kind, because refresh runs about once a second.
             if self._signature != ("stat failed", error.errno):
                 self._signature = ("stat failed", error.errno)
                 logger.error(

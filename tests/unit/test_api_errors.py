@@ -14,7 +14,7 @@ from test_api_fakes import (  # noqa: F401 - fixtures are used by name
 )
 
 TIMESTAMP_PATTERN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-GENERATED_ID_PATTERN = re.compile(r"req-[0-9a-f]{16}")
+GENERATED_ID_PATTERN = re.compile(r"req-[0-9a-f]{20}")
 JSON = {"Content-Type": "application/json"}
 
 

@@ -1,5 +1,6 @@
 """The status, info and test routes over real HTTP, with node state set per test."""
 
+import asyncio
 import os
 import platform
 import re
@@ -94,6 +95,21 @@ async def test_health_cases(
         "storage": storage,
         "registry": registry,
     }
+
+
+async def test_health_checks_storage_once_per_interval(client, node: FakeNode, monkeypatch):
+    monkeypatch.setattr("voxanode.api.routes.status.HEALTH_CHECK_INTERVAL_SECONDS", 0.3)
+    code, _ = await get_json(client, "/status/health")
+    assert code == 200
+
+    node.storage = FakeStorageStatus(ok=False, records=0, detail="disk I/O error")
+    code, _ = await get_json(client, "/status/health")
+    assert code == 200, "checked the storage again within the interval"
+
+    await asyncio.sleep(0.35)
+    code, reply = await get_json(client, "/status/health")
+    assert code == 503
+    assert reply["components"]["storage"] == "unhealthy"
 
 
 async def test_health_reply_fields(client, node: FakeNode):

@@ -1,8 +1,8 @@
 """API rate limits over a real aiohttp server on loopback, and the rate limit settings.
 
 The test app is built like `create_app` builds the API: the real route groups for a
-FakeNode, the request id, statistics and error middlewares, and the rate limit
-middleware inside the error middleware. Clients connect from chosen 127.x source
+FakeNode, the request id, statistics and error middleware, and the rate limit
+middleware inside it. Clients connect from chosen 127.x source
 addresses, so each address has its own budget.
 """
 
@@ -21,12 +21,7 @@ from aiohttp import web
 
 from test_api_fakes import FakeNode
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY
-from voxanode.api.middlewares import (
-    add_request_id_header,
-    error_middleware,
-    request_id_middleware,
-    statistics_middleware,
-)
+from voxanode.api.middlewares import add_request_id_header, api_middleware
 from voxanode.api.ratelimit import (
     RATE_LIMITER_KEY,
     ApiRateLimiter,
@@ -72,12 +67,7 @@ class LimitedNode(FakeNode):
 def build_app(node: FakeNode, *, with_setup: bool = True) -> web.Application:
     """Build the API app for `node` with the rate limit middleware in its place."""
     app = web.Application(
-        middlewares=(
-            request_id_middleware,
-            statistics_middleware,
-            error_middleware,
-            rate_limit_middleware,
-        ),
+        middlewares=(api_middleware, rate_limit_middleware),
         client_max_size=node.settings.max_body_bytes,
     )
     app[NODE_KEY] = node

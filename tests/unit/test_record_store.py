@@ -78,3 +78,70 @@ def test_store_iterates_in_batches(store):
         store.put(record, record.encode(), now_ms=1000)
     seen = [s.record.key for s in store.iter_live(1000, batch_size=4)]
     assert sorted(seen) == sorted(r.key for r in records)
+
+
+# The cache of decoded records
+
+
+def test_cached_get_skips_database(store):
+    identity = Identity.generate()
+    record = sign_record(identity, "k", b"1", 60, 3, created_ms=1000)
+    store.put(record, record.encode(), now_ms=1000)
+    first = store.get(record.dht_key, now_ms=1500)
+    queries = []
+    store.db.set_trace_callback(queries.append)
+
+    second = store.get(record.dht_key, now_ms=1500)
+
+    assert second is first
+    assert queries == []
+
+
+def test_cached_record_replaced_by_newer_write(store):
+    identity = Identity.generate()
+    old = sign_record(identity, "k", b"1", 60, 3, created_ms=1000)
+    new = sign_record(identity, "k", b"2", 60, 3, created_ms=2000)
+    store.put(old, old.encode(), now_ms=1000)
+    assert store.get(old.dht_key, now_ms=1500).record.value_json == b"1"
+
+    assert store.put(new, new.encode(), now_ms=2000)
+
+    assert store.get(old.dht_key, now_ms=2000).record.value_json == b"2"
+
+
+def test_cached_record_hidden_once_expired(store):
+    identity = Identity.generate()
+    record = sign_record(identity, "k", b"1", 1, 3, created_ms=1000)
+    store.put(record, record.encode(), now_ms=1000)
+    assert store.get(record.dht_key, now_ms=1999) is not None
+
+    assert store.get(record.dht_key, now_ms=2000) is None
+    assert store.get(record.dht_key, now_ms=1999) is not None, "read from the database again"
+
+
+def test_cached_record_dropped_by_sweep(store):
+    identity = Identity.generate()
+    record = sign_record(identity, "k", b"1", 1, 3, created_ms=1000)
+    store.put(record, record.encode(), now_ms=1000)
+    assert store.get(record.dht_key, now_ms=1500) is not None
+
+    assert store.delete_expired(now_ms=2000) == 1
+
+    assert store.get(record.dht_key, now_ms=1500) is None
+
+
+def test_cache_keeps_at_most_cache_size(store, monkeypatch):
+    monkeypatch.setattr("voxanode.dht.store.RECORD_CACHE_SIZE", 3)
+    identity = Identity.generate()
+    records = [sign_record(identity, f"k{number}", b"1", 60, 3, created_ms=1000) for number in range(5)]
+    for record in records:
+        store.put(record, record.encode(), now_ms=1000)
+        store.get(record.dht_key, now_ms=1000)
+    queries = []
+    store.db.set_trace_callback(queries.append)
+
+    for record in records[2:]:
+        assert store.get(record.dht_key, now_ms=1000).record == record
+    assert queries == [], "the three newest entries are cached"
+    assert store.get(records[0].dht_key, now_ms=1000).record == records[0]
+    assert len(queries) == 1, "the oldest entry was evicted"

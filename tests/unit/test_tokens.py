@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from voxanode import tokens
 from voxanode.api.auth import auth_middleware, required_scope, setup_auth
-from voxanode.api.keys import NODE_KEY
-from voxanode.api.middlewares import error_middleware, request_id_middleware
+from voxanode.api.keys import NODE_KEY, STATS_KEY
+from voxanode.api.middlewares import api_middleware
+from voxanode.api.stats import RequestStats
 from voxanode.settings import Settings
 from voxanode.daemon import main
 from voxanode.tokens import (
@@ -385,6 +387,26 @@ def test_store_reads_created_and_revoked_tokens(token_path):
     assert store.active_count == 0
 
 
+def test_store_refresh_if_due_waits_for_interval(token_path):
+    interval_seconds = 0.3
+    token, record = create_token(token_path, "ci", Scope.WRITE)
+    store = TokenStore(token_path, check_interval_seconds=interval_seconds)
+    store.refresh_if_due()
+    assert store.find(token).active is True
+
+    revoke_token(token_path, record.id)
+    store.refresh_if_due()
+    assert store.find(token).active is True, "checked the file again within the interval"
+
+    time.sleep(interval_seconds + 0.05)
+    store.refresh_if_due()
+    assert store.find(token).active is False
+
+
+def test_scope_rank_order():
+    assert [scope.rank for scope in Scope] == [0, 1, 2]
+
+
 def test_store_unknown_token_not_found(token_path):
     create_token(token_path, "ci", Scope.WRITE)
     store = TokenStore(token_path)
@@ -496,10 +518,9 @@ async def serve_auth(tmp_path):
 
     async def serve(dev: bool = False, with_setup: bool = True) -> TestClient:
         settings = Settings(data_dir=tmp_path, dev=dev)
-        app = web.Application(
-            middlewares=(request_id_middleware, error_middleware, auth_middleware)
-        )
+        app = web.Application(middlewares=(api_middleware, auth_middleware))
         app[NODE_KEY] = SettingsOnlyNode(settings)
+        app[STATS_KEY] = RequestStats()
         if with_setup:
             setup_auth(app, settings)
         app.router.add_get("/status/health", answer_ok)

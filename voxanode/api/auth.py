@@ -9,9 +9,13 @@ with a token from the node's token file (see `voxanode.tokens`), except:
   by the calling node's key themselves.
 
 GET and HEAD need scope read, every other method scope write; admin includes write.
+A token created with `voxanode token create` works at once, because an unknown token
+makes the node check the token file. A revoked token is rejected within one second
+(`TOKEN_FILE_CHECK_INTERVAL_SECONDS`), the time between two checks of the file.
 A missing or wrong token gets 401 AUTHENTICATION_REQUIRED with a `WWW-Authenticate`
 challenge, and a token whose scope is too low gets 403 AUTHORIZATION_FAILED. The
-middleware raises ApiError, so it must run inside the error middleware.
+middleware raises ApiError, so it must run inside `api_middleware`, which renders
+the error envelope.
 
 Tokens and the Authorization header are never logged; log lines name the token id.
 """
@@ -60,8 +64,13 @@ class Authenticator:
     def authenticate(self, request: web.Request) -> TokenRecord:
         """Return the token entry of an authenticated request, or raise a 401 ApiError."""
         token = _bearer_token(request)
-        self.store.refresh()
+        self.store.refresh_if_due()
         record = self.store.find(token)
+        if record is None:
+            # A token created since the last check works at once: an unknown token
+            # costs a check of the file, as every request did before the interval.
+            self.store.refresh()
+            record = self.store.find(token)
         if record is None:
             logger.debug(
                 "rejected an unknown bearer token request_id=%s remote=%s",

@@ -1,19 +1,22 @@
-"""The API middlewares: request ids, the error envelope, and request statistics.
+"""The API middleware: request ids, the error envelope, and request statistics.
 
-`MIDDLEWARES` lists them outermost first. The request id middleware gives the
-request its id. The statistics middleware times the request and records the final
-status. The error middleware turns every failure inside it into an error envelope,
-so aiohttp's own 404, 405 and 413 replies carry the envelope too. The rate limiter
+`MIDDLEWARES` lists the app's middlewares outermost first. `api_middleware` gives the
+request its id, turns every failure inside it into an error envelope, so aiohttp's
+own 404, 405 and 413 replies carry the envelope too, and then times the request and
+records the final status. The three steps share one middleware because each aiohttp
+middleware adds a call layer to every request. The rate limiter
 (`voxanode.api.ratelimit`) and then the bearer token check (`voxanode.api.auth`) run
-inside the error middleware, so their 429, 401 and 403 replies are envelopes as well;
-limits count requests with and without a valid token. The `X-Request-ID` header is added in
-`on_response_prepare`, which runs for every response the app sends.
+inside it, so their 429, 401 and 403 replies are envelopes as well; limits count
+requests with and without a valid token. The `X-Request-ID` header is added in
+`on_response_prepare`, which runs for every response the app sends, streamed and
+websocket responses included.
 
 Errors that aiohttp's HTTP parser raises before routing, such as a malformed request
 line, never reach the app and keep aiohttp's plain-text reply.
 """
 
 import asyncio
+import itertools
 import logging
 import re
 import secrets
@@ -26,11 +29,16 @@ from voxanode.api.auth import auth_middleware
 from voxanode.api.ratelimit import rate_limit_middleware
 from voxanode.api.errors import ApiError, ErrorCode, error_body
 from voxanode.api.json_body import body_too_large_error
+from voxanode.api.json_reply import json_reply
 from voxanode.api.keys import NODE_KEY, REQUEST_ID_KEY, STATS_KEY, request_id_of
+from voxanode.api.stats import route_of
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_PREFIX = "req-"
-REQUEST_ID_RANDOM_BYTES = 8
+# A generated id is the prefix, 12 random hex digits drawn once per process, and a
+# counter of 8 hex digits.
+REQUEST_ID_PROCESS_RANDOM_BYTES = 6
+REQUEST_ID_COUNTER_LIMIT = 16**8
 CLIENT_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Headers of an aiohttp HTTPException that describe its plain-text body, which the
 # envelope replaces. Every other header, such as Allow on a 405, is kept.
@@ -41,22 +49,108 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class RequestIdGenerator:
+    """Request ids of this process: `req-`, a random process part and a counter.
+
+    The ids of one process never repeat: when the counter reaches its limit of
+    2**32 ids, a new random process part is drawn. The 48 random bits make it
+    unlikely, not impossible, that two runs of a node share a process part.
+    """
+
+    def __init__(self) -> None:
+        self._start_series()
+
+    def _start_series(self) -> None:
+        self._prefix = REQUEST_ID_PREFIX + secrets.token_hex(REQUEST_ID_PROCESS_RANDOM_BYTES)
+        self._counter = itertools.count()
+
+    def next_id(self) -> str:
+        """Return an id that this generator has not returned before."""
+        number = next(self._counter)
+        if number >= REQUEST_ID_COUNTER_LIMIT:
+            self._start_series()
+            number = next(self._counter)
+        return f"{self._prefix}{number:08x}"
+
+
+_request_ids = RequestIdGenerator()
+
+
 def new_request_id() -> str:
-    """Return a fresh request id: `req-` and 16 random hex digits."""
-    return REQUEST_ID_PREFIX + secrets.token_hex(REQUEST_ID_RANDOM_BYTES)
+    """Return a fresh request id: `req-` and 20 hex digits, unique in this process."""
+    return _request_ids.next_id()
 
 
 @web.middleware
-async def request_id_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """Give the request an id: the client's `X-Request-ID` if well formed, else a new one."""
-    client_id = request.headers.get(REQUEST_ID_HEADER, "")
-    if CLIENT_REQUEST_ID_PATTERN.fullmatch(client_id):
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id, render failures as envelopes, and count the response.
+
+    The id is the client's `X-Request-ID` if well formed, else a new one.
+    ApiError, aiohttp's HTTP errors and unexpected exceptions become error envelopes.
+    Unexpected exceptions become 500 INTERNAL_ERROR: the traceback goes to the log
+    with the request id, and the reply carries only the id. Cancellation and
+    aiohttp's non-error HTTP exceptions (redirects) propagate unchanged and are not
+    counted.
+    """
+    client_id = request.headers.get(REQUEST_ID_HEADER)
+    if client_id and CLIENT_REQUEST_ID_PATTERN.fullmatch(client_id):
         request[REQUEST_ID_KEY] = client_id
     else:
-        request[REQUEST_ID_KEY] = new_request_id()
-    return await handler(request)
+        request[REQUEST_ID_KEY] = _request_ids.next_id()
+
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = error_response(request, error)
+    except web.HTTPException as http_error:
+        if http_error.status < 400:
+            raise
+        response = error_response(request, _api_error_from_http(request, http_error))
+    except asyncio.CancelledError:
+        logger.debug(
+            "request cancelled request_id=%s method=%s path=%s",
+            request_id_of(request),
+            request.method,
+            request.path,
+        )
+        raise
+    except Exception:
+        response = _internal_error_response(request)
+
+    _record_response(request, response.status, started)
+    return response
+
+
+def _record_response(request: web.Request, status: int, started: float) -> None:
+    """Count one response in the app's RequestStats and log it at DEBUG."""
+    response_ms = (time.perf_counter() - started) * 1000
+    request.app[STATS_KEY].record(status, response_ms, route_of(request), request.method)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "request request_id=%s method=%s path=%s status=%d ms=%.1f",
+            request_id_of(request),
+            request.method,
+            request.path,
+            status,
+            response_ms,
+        )
+
+
+def _internal_error_response(request: web.Request) -> web.Response:
+    request_id = request_id_of(request)
+    logger.exception(
+        "unhandled error request_id=%s method=%s path=%s",
+        request_id,
+        request.method,
+        request.path,
+    )
+    internal = ApiError(
+        500,
+        ErrorCode.INTERNAL_ERROR,
+        f"internal error. The node log has the details under request id {request_id}",
+    )
+    return error_response(request, internal)
 
 
 async def add_request_id_header(
@@ -66,75 +160,9 @@ async def add_request_id_header(
     response.headers[REQUEST_ID_HEADER] = request_id_of(request)
 
 
-@web.middleware
-async def statistics_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """Count the response in the app's RequestStats and log it at DEBUG."""
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except asyncio.CancelledError:
-        logger.debug(
-            "request cancelled request_id=%s method=%s path=%s",
-            request_id_of(request),
-            request.method,
-            request.path,
-        )
-        raise
-
-    response_ms = (time.perf_counter() - started) * 1000
-    request.app[STATS_KEY].record(response.status, response_ms)
-    logger.debug(
-        "request request_id=%s method=%s path=%s status=%d ms=%.1f",
-        request_id_of(request),
-        request.method,
-        request.path,
-        response.status,
-        response_ms,
-    )
-    return response
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """Turn ApiError, aiohttp's HTTP errors and unexpected exceptions into envelopes.
-
-    Unexpected exceptions become 500 INTERNAL_ERROR. The traceback goes to the log
-    with the request id, and the reply carries only the id. Cancellation and
-    aiohttp's non-error HTTP exceptions (redirects) propagate unchanged.
-    """
-    try:
-        return await handler(request)
-    except ApiError as error:
-        return error_response(request, error)
-    except web.HTTPException as http_error:
-        if http_error.status < 400:
-            raise
-        return error_response(request, _api_error_from_http(request, http_error))
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        request_id = request_id_of(request)
-        logger.exception(
-            "unhandled error request_id=%s method=%s path=%s",
-            request_id,
-            request.method,
-            request.path,
-        )
-        internal = ApiError(
-            500,
-            ErrorCode.INTERNAL_ERROR,
-            f"internal error. The node log has the details under request id {request_id}",
-        )
-        return error_response(request, internal)
-
-
 def error_response(request: web.Request, error: ApiError) -> web.Response:
     """Return the JSON error envelope response for `error`."""
-    return web.json_response(
+    return json_reply(
         error_body(error, request_id_of(request)),
         status=error.status,
         headers=error.headers,
@@ -202,9 +230,7 @@ def _code_for_status(status: int) -> ErrorCode:
 
 
 MIDDLEWARES = (
-    request_id_middleware,
-    statistics_middleware,
-    error_middleware,
+    api_middleware,
     rate_limit_middleware,
     auth_middleware,
 )

@@ -22,7 +22,7 @@ from msgspec import Meta
 
 import voxanode
 from voxanode.api.auth import OPEN_PATHS
-from voxanode.api.ratelimit import DATA_PREFIX, STATUS_PREFIX
+from voxanode.api.ratelimit import DATA_PREFIX, STATUS_PATHS, STATUS_PREFIX
 from voxanode.api.responses import (
     APP_ID_PATTERN,
     EVENT_ID_PATTERN,
@@ -37,6 +37,7 @@ from voxanode.api.routes.apps import (
     MAX_LIST_LIMIT,
     MAX_LOG_TAIL,
 )
+from voxanode.api.routes.metrics import METRICS_PATH
 from voxanode.api.routes.nodes import MAX_CAPABILITY_CHARS, STATUS_NAMES
 from voxanode.api.schemas import MIN_REPLICAS, MIN_TTL_SECONDS, StoreBody
 from voxanode.apps.catalogue import APP_PHASES
@@ -48,6 +49,8 @@ OPENAPI_VERSION = "3.1.0"
 SCHEMA_REF = "#/components/schemas/{name}"
 JSON_MEDIA_TYPE = "application/json"
 HTML_MEDIA_TYPE = "text/html"
+# The Prometheus text exposition format, version 0.0.4.
+PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4"
 BEARER_SCHEME_NAME = "bearerAuth"
 REQUEST_ID_HEADER = "X-Request-ID"
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -255,6 +258,19 @@ OPERATIONS: tuple[Operation, ...] = (
         "System status",
         "Report the node id, host resources, peer traffic and app counts.",
         "SystemStatusResponse",
+    ),
+    Operation(
+        "get",
+        METRICS_PATH,
+        "getMetrics",
+        "status",
+        "Prometheus metrics",
+        "Report the node's metrics in the Prometheus text format 0.0.4: API requests "
+        "and latencies by route, DHT requests and gossip messages by method, records "
+        "held, members and app instances by state, Docker call latencies, dropped "
+        "datagrams and process figures. Counts in the status rate limit category.",
+        None,
+        reply_media_type=PROMETHEUS_MEDIA_TYPE,
     ),
     Operation(
         "get",
@@ -598,8 +614,8 @@ Requests need `Authorization: Bearer TOKEN` unless the node runs with `--dev`;
 `/status/health` never needs one.
 
 Each client address has a request budget per window for deployments, for `/data/`
-routes, for `/status/` routes and for all other routes, set by the node's
-`rate_limit_*` settings. Replies to a limited route carry `X-RateLimit-Limit`,
+routes, for `/status/` routes and `/metrics`, and for all other routes, set by the
+node's `rate_limit_*` settings. Replies to a limited route carry `X-RateLimit-Limit`,
 `X-RateLimit-Remaining` and `X-RateLimit-Reset`, and a request over the budget gets
 429 with `Retry-After`. The operations of limited routes list the 429 reply.
 """
@@ -642,7 +658,7 @@ def _rate_limit(operation: Operation, settings: Any) -> Any:
     These are the categories of `voxanode.api.ratelimit.request_category`, decided by
     the route template and method.
     """
-    if operation.path.startswith(STATUS_PREFIX):
+    if operation.path.startswith(STATUS_PREFIX) or operation.path in STATUS_PATHS:
         return settings.rate_limit_status
     if operation.path.startswith(DATA_PREFIX):
         return settings.rate_limit_data

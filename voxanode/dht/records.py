@@ -9,6 +9,7 @@ signature, that the key hashes to the DHT key it is stored under, the sizes, and
 Conflicting writes are ordered by (created, publisher DHT id): the larger one wins.
 """
 
+import functools
 import hashlib
 import json
 import time
@@ -62,15 +63,18 @@ class Record:
     publisher_key: bytes
     signature: bytes
 
-    @property
+    # The hashes below are computed once per Record: the record store keeps decoded
+    # records in memory and every retrieve reads them. cached_property writes to the
+    # instance __dict__, which a frozen dataclass still has.
+    @functools.cached_property
     def dht_key(self) -> bytes:
         return dht_key_for(self.key)
 
-    @property
+    @functools.cached_property
     def publisher_id(self) -> bytes:
         return dht_id_for(self.publisher_key)
 
-    @property
+    @functools.cached_property
     def publisher_node_id(self) -> str:
         return readable_node_id(self.publisher_id)
 

@@ -5,6 +5,12 @@ when the incoming record is newer by (created, publisher id). Expired rows are n
 returned and are deleted by `delete_expired`, which the data service calls
 periodically.
 
+`get` keeps up to `RECORD_CACHE_SIZE` decoded records in memory, so a record read
+again skips the SQLite query and the msgpack decode. Every write and delete through
+this class drops the cached records it may change, and a cached record is returned
+only while it has not expired, so the cache never returns a value that the database
+would not. Only this class may write the database while it is open.
+
 The database runs in WAL mode with `synchronous=NORMAL`: a committed write survives a
 crash of the process, though not necessarily a power loss of the machine.
 """
@@ -19,6 +25,8 @@ from voxanode.dht.records import Record, RecordError, decode_record
 
 SCHEMA_VERSION = 1
 DATABASE_FILE_NAME = "records.sqlite3"
+# Decoded records kept in memory; the oldest cached one makes room for a new one.
+RECORD_CACHE_SIZE = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,8 @@ class RecordStore:
             max_replicas=max_replicas,
         )
         self._db: sqlite3.Connection | None = None
+        # DHT key -> the record as the database held it when it was read.
+        self._cache: dict[bytes, StoredRecord] = {}
 
     def open(self) -> None:
         """Open or create the database and check its schema version."""
@@ -88,6 +98,7 @@ class RecordStore:
         self._db = db
 
     def close(self) -> None:
+        self._cache.clear()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -100,6 +111,7 @@ class RecordStore:
 
     def put(self, record: Record, envelope: bytes, now_ms: int) -> bool:
         """Keep `record` unless a newer or equal version is held; return whether it was written."""
+        self._cache.pop(record.dht_key, None)
         cursor = self.db.execute(
             """
             INSERT INTO records
@@ -131,13 +143,31 @@ class RecordStore:
 
     def get(self, dht_key: bytes, now_ms: int) -> StoredRecord | None:
         """Return the unexpired record held for `dht_key`, or None."""
+        cached = self._cache.get(dht_key)
+        if cached is not None:
+            if cached.record.expires_ms > now_ms:
+                return cached
+            # The database row contains this same expired record, because every
+            # write drops the cached one.
+            del self._cache[dht_key]
+            return None
+
         row = self.db.execute(
             "SELECT envelope FROM records WHERE dht_key = ? AND expires_ms > ?",
             (dht_key, now_ms),
         ).fetchone()
         if row is None:
             return None
-        return self._decode_row(dht_key, row[0])
+        stored = self._decode_row(dht_key, row[0])
+        if stored is not None:
+            self._remember(dht_key, stored)
+        return stored
+
+    def _remember(self, dht_key: bytes, stored: StoredRecord) -> None:
+        if len(self._cache) >= RECORD_CACHE_SIZE:
+            # Dicts keep insertion order, so the first key is the oldest entry.
+            del self._cache[next(iter(self._cache))]
+        self._cache[dht_key] = stored
 
     def version_of(self, dht_key: bytes, now_ms: int) -> tuple[int, bytes] | None:
         """Return (created, publisher id) of the unexpired record held, or None."""
@@ -167,6 +197,7 @@ class RecordStore:
 
     def delete_expired(self, now_ms: int) -> int:
         """Delete every expired record; return how many were deleted."""
+        self._cache.clear()
         return self.db.execute(
             "DELETE FROM records WHERE expires_ms <= ?", (now_ms,)
         ).rowcount
@@ -189,6 +220,7 @@ class RecordStore:
             logger.error(
                 "dropping unreadable stored record key=%s error=%s", dht_key.hex()[:12], error
             )
+            self._cache.pop(dht_key, None)
             self.db.execute("DELETE FROM records WHERE dht_key = ?", (dht_key,))
             return None
         return StoredRecord(record, envelope)

@@ -212,6 +212,13 @@ class PeerProtocol(KademliaProtocol):
         self.dropped: Counter[str] = Counter()
         # Requests and their responses both count under the request's method.
         self.bytes_sent_by_method: Counter[str] = Counter()
+        # Requests and notifications by method: sent by this node, accepted from peers
+        # for handling, rejected by the peer with an error reply, and unanswered
+        # within the timeout. A retry after "session expired" counts as a second request.
+        self.requests_sent: Counter[str] = Counter()
+        self.requests_received: Counter[str] = Counter()
+        self.requests_failed: Counter[str] = Counter()
+        self.requests_timed_out: Counter[str] = Counter()
         self._dropped_reported: Counter[str] = Counter()
         self._next_drop_warning = 0.0
         self._peers_seen: set[bytes] = set()
@@ -405,6 +412,7 @@ class PeerProtocol(KademliaProtocol):
 
         self._remember_request(replay_key, now_ms)
         self._note_session(frame)
+        self.requests_received[frame.method] += 1
         if len(self._peers_seen) < MAX_PEERS_COUNTED:
             self._peers_seen.add(frame.sender_id)
         task = asyncio.get_running_loop().create_task(
@@ -489,15 +497,17 @@ class PeerProtocol(KademliaProtocol):
                 logger.debug("peer rejected request from=%s: %.80s", peer_label(addr), result)
                 future.set_result((False, None, frame.sender_id))
 
-    def _expire_call(self, msg_id: bytes) -> None:
+    def _expire_call(self, msg_id: bytes, method: str) -> None:
         pending = self._outstanding.pop(msg_id, None)
         if pending is not None and not pending[0].done():
+            self.requests_timed_out[method] += 1
             pending[0].set_result((False, None, None))
 
     def notify(self, address: tuple, method: str, args: list, peer_id: bytes) -> None:
         """Send a one-way message to a known peer; nothing comes back."""
         datagram = self._encode(peer_id, KIND_NOTIFY, os.urandom(MSG_ID_BYTES), method, args)
         self._send(datagram, address, method)
+        self.requests_sent[method] += 1
 
     async def call(
         self,
@@ -532,16 +542,24 @@ class PeerProtocol(KademliaProtocol):
         datagram = self._encode(expected_id, KIND_REQUEST, msg_id, method, args)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        timer = loop.call_later(timeout or self._wait_timeout, self._expire_call, msg_id)
+        timer = loop.call_later(
+            timeout or self._wait_timeout, self._expire_call, msg_id, method
+        )
         self._outstanding[msg_id] = (future, timer, address, expected_id)
         logger.debug("calling method=%s to=%s", method, peer_label(address))
         self._send(datagram, address, method)
+        self.requests_sent[method] += 1
         try:
-            return await future
+            outcome = await future
         finally:
             if self._outstanding.get(msg_id, (None,))[0] is future:
                 timer.cancel()
                 del self._outstanding[msg_id]
+        # A reply with ok False and a responder id is the peer's rejection. Timeouts
+        # and calls failed by close() carry no responder id.
+        if outcome is not RETRY_SIGNED and outcome[0] is False and outcome[2] is not None:
+            self.requests_failed[method] += 1
+        return outcome
 
     async def _call_node(self, node: Node, method: str, args: list) -> tuple[bool, Any]:
         ok, result, _ = await self.call((node.ip, node.port), method, args, node.id)

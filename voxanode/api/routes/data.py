@@ -5,14 +5,17 @@ A store that reaches fewer nodes than requested still succeeds. Its reply carrie
 that no node acknowledged is a 503.
 """
 
+import functools
 import logging
 from typing import Any
 from urllib.parse import parse_qs
 
+import msgspec
 from aiohttp import web
 
 from voxanode.api.errors import ApiError, ErrorCode, invalid_field
 from voxanode.api.json_body import read_json_object
+from voxanode.api.json_reply import json_reply
 from voxanode.api.keys import NODE_KEY, request_id_of
 from voxanode.api.routes import add_get, add_post
 from voxanode.api.schemas import encode_store_value, key_issue, parse_store_request
@@ -23,6 +26,10 @@ from voxanode.dht.service import NoHoldersError, StoreResult
 STORE_PATH = "/data/store/"
 RETRIEVE_PATH = "/data/retrieve/"
 KEY_HASH_LOG_HEX_DIGITS = 12
+# Retrieve queries up to this length are parsed once and kept, at most QUERY_CACHE_SIZE
+# of them: at most about 0.5 MB of query text.
+MAX_CACHED_QUERY_CHARS = 512
+QUERY_CACHE_SIZE = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ async def store_data(request: web.Request) -> web.Response:
             },
         ) from error
 
-    return web.json_response(_store_reply(result))
+    return json_reply(_store_reply(result))
 
 
 async def retrieve_data(request: web.Request) -> web.Response:
@@ -85,11 +92,13 @@ async def retrieve_data(request: web.Request) -> web.Response:
         )
 
     record = result.record
-    return web.json_response(
+    return json_reply(
         {
             "success": True,
             "key": record.key,
-            "value": record.value,
+            # The stored value is compact JSON text, checked when the record was
+            # accepted, so it goes into the reply without a decode and encode.
+            "value": msgspec.Raw(record.value_json),
             "metadata": {
                 "created_at": isoformat_utc(milliseconds=record.created_ms),
                 "expires_at": isoformat_utc(milliseconds=record.expires_ms),
@@ -123,17 +132,12 @@ def _store_reply(result: StoreResult) -> dict[str, Any]:
 
 
 def _query_key(request: web.Request, max_key_bytes: int) -> str:
-    # The raw query is decoded here because request.query replaces invalid UTF-8
-    # escapes such as %ff with U+FFFD, which would look up a different key.
     try:
-        parameters = parse_qs(
-            request.rel_url.raw_query_string, keep_blank_values=True, errors="strict"
-        )
+        keys = _key_parameters(request.rel_url.raw_query_string)
     except UnicodeDecodeError as error:
         raise invalid_field(
             "key", "must be percent-encoded UTF-8 in the query string"
         ) from error
-    keys = parameters.get("key", [])
     if not keys:
         raise invalid_field("key", "is required as a query parameter")
     if len(keys) > 1:
@@ -142,6 +146,28 @@ def _query_key(request: web.Request, max_key_bytes: int) -> str:
     if issue is not None:
         raise invalid_field("key", issue)
     return keys[0]
+
+
+def _key_parameters(raw_query: str) -> tuple[str, ...]:
+    """Return the values of every `key` parameter of a raw query string, in order.
+
+    Raises UnicodeDecodeError for an escape that is not UTF-8. The raw query is
+    decoded here because request.query replaces invalid UTF-8 escapes such as %ff
+    with U+FFFD, which would look up a different key.
+    """
+    # Clients read the same keys again and again, so short queries are parsed once.
+    if len(raw_query) <= MAX_CACHED_QUERY_CHARS:
+        return _cached_key_parameters(raw_query)
+    return _parse_key_parameters(raw_query)
+
+
+def _parse_key_parameters(raw_query: str) -> tuple[str, ...]:
+    parameters = parse_qs(raw_query, keep_blank_values=True, errors="strict")
+    return tuple(parameters.get("key", ()))
+
+
+# lru_cache does not keep a call that raised, so an invalid query is parsed each time.
+_cached_key_parameters = functools.lru_cache(maxsize=QUERY_CACHE_SIZE)(_parse_key_parameters)
 
 
 def _key_hash(key: str) -> str:
