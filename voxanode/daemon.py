@@ -8,6 +8,10 @@ bound) becomes one line `voxanode: error: ...` on stderr and exit status 2.
 data directory, which it finds the same way as the daemon. It exits 0 on success, 2
 on a usage error (an invalid scope or name, an unknown token) and 1 on any other
 failure, with one line on stderr.
+
+`voxanode check-config` reads the settings as the daemon would and checks the files
+the node would open; `voxanode keygen` creates the node key and `voxanode identity`
+shows it. They exit 0 when all is well and 2 with the reasons otherwise.
 """
 
 import argparse
@@ -17,13 +21,15 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from voxanode import __version__
-from voxanode.identity import Identity, IdentityError
+from voxanode.identity import KEY_FILE_NAME, Identity, IdentityError
 from voxanode.logs import configure_logging, set_node_id
 from voxanode.settings import (
     SETTING_SPECS,
@@ -52,6 +58,9 @@ from voxanode.tokens import (
 PROGRAM_NAME = "voxanode"
 TOKEN_PROGRAM_NAME = "voxanode token"
 TOKEN_COMMAND = "token"
+CHECK_CONFIG_COMMAND = "check-config"
+KEYGEN_COMMAND = "keygen"
+IDENTITY_COMMAND = "identity"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -65,7 +74,10 @@ EPILOG = (
     "Each setting comes from its default, then the JSON settings file, then its VOXA_* "
     "environment variable, then its flag; a later source wins. Relative paths are "
     "resolved against the current directory. Manage API tokens with "
-    "`voxanode token create|list|revoke`; see `voxanode token --help`."
+    "`voxanode token create|list|revoke`; see `voxanode token --help`. "
+    "`voxanode check-config` checks the settings without starting; `voxanode keygen` "
+    "creates the node key and `voxanode identity` shows it. SIGHUP reloads the bootstrap "
+    "peers, the tokens and the settings that can change while running."
 )
 TOKEN_DESCRIPTION = (
     "Create, list and revoke the bearer tokens of the REST API. They live in tokens.json "
@@ -83,12 +95,14 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = PROGRAM_NAME, description: str = DESCRIPTION, epilog: str | None = EPILOG
+) -> argparse.ArgumentParser:
     """Return the parser with one flag per setting. Flags the user omits stay unset."""
     parser = _OneLineArgumentParser(
-        prog=PROGRAM_NAME,
-        description=DESCRIPTION,
-        epilog=EPILOG,
+        prog=prog,
+        description=description,
+        epilog=epilog,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--version", action="version", version=f"{PROGRAM_NAME} {__version__}")
@@ -117,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv[:1] == [TOKEN_COMMAND]:
         return token_main(argv[1:])
+    if argv[:1] == [CHECK_CONFIG_COMMAND]:
+        return check_config_main(argv[1:])
+    if argv[:1] in ([KEYGEN_COMMAND], [IDENTITY_COMMAND]):
+        return identity_main(argv[0], argv[1:])
 
     parser = build_parser()
     try:
@@ -125,14 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         # --help and --version print and exit 0. Usage errors exit 2.
         return _exit_status(exit_request)
 
+    # SIGHUP would end the process until the node installs its reload handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Settings and the data directory are checked before anything is logged.
+    flags = vars(namespace)
+    cwd = Path.cwd()
     try:
-        settings = load_settings(vars(namespace), os.environ, Path.cwd())
+        settings = load_settings(flags, os.environ, cwd)
         _prepare_data_dir(settings)
     except SettingsError as error:
         return _report_error(str(error))
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_format=settings.log_format)
     if settings.git_commit is None:
         settings = dataclasses.replace(settings, git_commit=resolve_git_commit(os.environ))
 
@@ -160,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             _log_token_count(settings)
         except TokenFileError as error:
             return _report_error(f"{error}; fix the file, or move it away and create new tokens")
-    return _run_node(settings, identity)
+    return _run_node(settings, identity, lambda: load_settings(flags, os.environ, cwd))
 
 
 def build_token_parser() -> argparse.ArgumentParser:
@@ -302,6 +324,145 @@ def _log_token_count(settings: Settings) -> None:
     )
 
 
+CHECK_CONFIG_DESCRIPTION = (
+    "Read the settings as `voxanode` would with the same flags, environment and files "
+    "(settings file, bootstrap peers file), and check the data directory, the node key "
+    "and the token file if they exist. Changes nothing. Exits 0 when the node could "
+    "start with them, 2 with one line per problem otherwise."
+)
+
+
+def check_config_main(argv: list[str]) -> int:
+    """Run `voxanode check-config FLAGS` and return its exit status."""
+    prog = f"{PROGRAM_NAME} {CHECK_CONFIG_COMMAND}"
+    parser = build_parser(prog, CHECK_CONFIG_DESCRIPTION, None)
+    try:
+        namespace = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return _exit_status(exit_request)
+    try:
+        settings = load_settings(vars(namespace), os.environ, Path.cwd())
+    except SettingsError as error:
+        return _report_problems(prog, [str(error)])
+
+    report: list[str] = [f"settings file: {settings.config_file or 'none, defaults and flags only'}"]
+    peers_from = settings.bootstrap_file or "flags and environment"
+    report.append(f"bootstrap peers: {len(settings.bootstrap_peers)} (from {peers_from})")
+    problems: list[str] = []
+    for check in (_check_data_dir, _check_node_key, _check_token_file):
+        line, problem = check(settings)
+        if line:
+            report.append(line)
+        if problem:
+            problems.append(problem)
+    if problems:
+        return _report_problems(prog, problems)
+    for line in report:
+        print(line)
+    print("configuration is valid")
+    return EXIT_OK
+
+
+def _check_data_dir(settings: Settings) -> tuple[str | None, str | None]:
+    directory = settings.data_dir
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return None, f"data_dir {directory}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return None, f"data_dir {directory}: {existing} is not writable by this user"
+    if existing == directory:
+        return f"data directory: {directory} (exists, writable)", None
+    return f"data directory: {directory} (will be created in {existing})", None
+
+
+def _check_node_key(settings: Settings) -> tuple[str | None, str | None]:
+    if not (settings.data_dir / KEY_FILE_NAME).exists():
+        return "node key: none yet, created on first start", None
+    try:
+        identity = Identity.load(settings.data_dir)
+    except IdentityError as error:
+        return None, str(error)
+    return f"node key: {identity.node_id}", None
+
+
+def _check_token_file(settings: Settings) -> tuple[str | None, str | None]:
+    path = token_file_path(settings.data_dir)
+    if not path.exists():
+        return "tokens: none" + (" (dev mode, authentication off)" if settings.dev else ""), None
+    try:
+        records = read_token_file(path)
+    except TokenFileError as error:
+        return None, str(error)
+    active = sum(1 for record in records if record.active)
+    return f"tokens: {active} active of {len(records)} in {path}", None
+
+
+def _report_problems(prog: str, problems: list[str]) -> int:
+    for problem in problems:
+        one_line = " ".join(problem.splitlines())
+        print(f"{prog}: error: {one_line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def build_identity_parser(command: str) -> argparse.ArgumentParser:
+    """Return the parser of `voxanode keygen` or `voxanode identity`."""
+    if command == KEYGEN_COMMAND:
+        description = (
+            "Create the node key (Ed25519, mode 0600) in the data directory and print the "
+            "node id and public key. An existing key is never replaced."
+        )
+    else:
+        description = "Print the node id, public key and DHT id of the node key in the data directory."
+    parser = _OneLineArgumentParser(prog=f"{PROGRAM_NAME} {command}", description=description)
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead of lines")
+    _add_data_dir_options(parser)
+    return parser
+
+
+def identity_main(command: str, argv: list[str]) -> int:
+    """Run `voxanode keygen` or `voxanode identity` and return the exit status."""
+    prog = f"{PROGRAM_NAME} {command}"
+    parser = build_identity_parser(command)
+    try:
+        namespace = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return _exit_status(exit_request)
+    options = vars(namespace)
+    flags = {name: options[name] for name in ("data_dir", "config_file") if name in options}
+    try:
+        settings = load_settings(flags, os.environ, Path.cwd())
+    except SettingsError as error:
+        return _report_problems(prog, [str(error)])
+    key_path = settings.data_dir / KEY_FILE_NAME
+    try:
+        if command == KEYGEN_COMMAND:
+            identity = Identity.create(settings.data_dir)
+        else:
+            identity = Identity.load(settings.data_dir)
+    except IdentityError as error:
+        if command == KEYGEN_COMMAND:
+            fix = "remove or move it first; the network then sees this node as a new one"
+        else:
+            fix = f"start the node once or run `{PROGRAM_NAME} {KEYGEN_COMMAND}`"
+        return _report_problems(prog, [f"{error}; {fix}"])
+    except OSError as error:
+        return _report_problems(prog, [f"cannot use {key_path}: {error.strerror or error}"])
+    description = {
+        "node_id": identity.node_id,
+        "public_key": identity.public_key.hex(),
+        "dht_id": identity.dht_id.hex(),
+        "key_file": str(key_path),
+    }
+    if namespace.json:
+        print(json.dumps(description, indent=2))
+    else:
+        for name, value in description.items():
+            print(f"{name}: {value}")
+    return EXIT_OK
+
+
 def _exit_status(exit_request: SystemExit) -> int:
     if exit_request.code is None:
         return EXIT_OK
@@ -329,12 +490,14 @@ def _prepare_data_dir(settings: Settings) -> None:
         raise SettingsError.for_value("data_dir", settings.data_dir, source, problem) from None
 
 
-def _run_node(settings: Settings, identity: Identity) -> int:
+def _run_node(settings: Settings, identity: Identity, settings_loader: Callable[[], Settings]) -> int:
     # Imported here so that settings errors are reported without loading the network stack.
     from voxanode.node import Node
+    from voxanode.notify import ServiceNotifier
 
+    node = Node(settings, identity, settings_loader=settings_loader, notifier=ServiceNotifier())
     try:
-        asyncio.run(Node(settings, identity).run_until_stopped())
+        asyncio.run(node.run_until_stopped())
     except BindError as error:
         return _report_error(_describe_bind_error(error, settings))
     except OSError as error:

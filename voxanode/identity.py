@@ -70,15 +70,35 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> "Identity":
-        """Load the key from `data_dir`, or create it there with mode 0600 on first start.
-
-        The new key is written to a temporary file that is renamed into place, so a
-        crash never leaves a half-written key behind.
-        """
+        """Load the key from `data_dir`, or create it there with mode 0600 on first start."""
         path = Path(data_dir) / KEY_FILE_NAME
         if path.exists():
             return cls(_read_private_key(path))
+        try:
+            return cls.create(data_dir)
+        except IdentityError:
+            if not path.exists():
+                raise
+            # Another process created it first.
+            return cls(_read_private_key(path))
 
+    @classmethod
+    def load(cls, data_dir: Path) -> "Identity":
+        """Load the key from `data_dir`; raise IdentityError when there is none."""
+        path = Path(data_dir) / KEY_FILE_NAME
+        if not path.exists():
+            raise IdentityError(f"no node key at {path}")
+        return cls(_read_private_key(path))
+
+    @classmethod
+    def create(cls, data_dir: Path) -> "Identity":
+        """Create a key in `data_dir` with mode 0600; raise IdentityError if one exists.
+
+        The new key is written to a temporary file that is linked into place, so a
+        crash never leaves a half-written key behind and an existing key is never
+        replaced, even by a concurrent start.
+        """
+        path = Path(data_dir) / KEY_FILE_NAME
         identity = cls.generate()
         pem = identity._private_key.private_bytes(
             serialization.Encoding.PEM,
@@ -86,13 +106,18 @@ class Identity:
             serialization.NoEncryption(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as key_file:
-            key_file.write(pem)
-            key_file.flush()
-            os.fsync(key_file.fileno())
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(descriptor, "wb") as key_file:
+                key_file.write(pem)
+                key_file.flush()
+                os.fsync(key_file.fileno())
+            os.link(temporary, path)
+        except FileExistsError:
+            raise IdentityError(f"a node key already exists at {path}") from None
+        finally:
+            temporary.unlink(missing_ok=True)
         logger.info("created node key for %s at %s", identity.node_id, path)
         return identity
 

@@ -1,15 +1,23 @@
-"""Logging setup of the daemon: one line per record on stderr, tagged with the node id.
+"""Logging setup of the daemon: one record per line on stderr, tagged with the node id.
 
-The node id is known only after the node key loads. So `configure_logging` may run
-without it, and `set_node_id` fills it in later. Until then, lines show `node=-`.
+Two formats: `plain` text lines, which leave out the time when stderr is the systemd
+journal (journald stamps every line itself), and `json`, one object per line for log
+shippers. The node id is known only after the node key loads, so `configure_logging`
+may run without it and `set_node_id` fills it in later. Until then, lines show `node=-`.
 """
 
+import json
 import logging
+import os
 import sys
+import time
 
-from voxanode.settings import LOG_LEVELS
+from voxanode.settings import LOG_FORMATS, LOG_LEVELS
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s node=%(node_id)s %(message)s"
+JOURNAL_LOG_FORMAT = "%(levelname)s %(name)s node=%(node_id)s %(message)s"
+# systemd sets this to "DEVICE:INODE" of the journal stream it connects to stderr.
+JOURNAL_STREAM_VARIABLE = "JOURNAL_STREAM"
 NO_NODE_ID = "-"
 # kademlia 2.2.3 logs lookups, crawls and stored values at INFO, and rpcudp 5.0.1 logs
 # every datagram at DEBUG. Both stay at WARNING unless the level is DEBUG.
@@ -31,15 +39,57 @@ class NodeIdFilter(logging.Filter):
         return True
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, milliseconds), level, logger, node, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
+        milliseconds = int((record.created - seconds) * 1000)
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{milliseconds:03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "node_id": getattr(record, "node_id", NO_NODE_ID),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def stderr_is_journal(environ=None) -> bool:
+    """Return whether stderr is the journal stream that systemd set up for this process."""
+    text = (os.environ if environ is None else environ).get(JOURNAL_STREAM_VARIABLE, "")
+    device, _, inode = text.partition(":")
+    try:
+        status = os.fstat(sys.stderr.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    """Return the formatter of a `log_format` setting: plain (default) or json, in any case."""
+    name = log_format.lower()
+    if name not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    if name == "json":
+        return JsonFormatter()
+    return logging.Formatter(JOURNAL_LOG_FORMAT if stderr_is_journal() else LOG_FORMAT)
+
+
 _node_id_filter = NodeIdFilter()
 _installed_handler: logging.Handler | None = None
 
 
-def configure_logging(level: str, node_id: str | None = None) -> None:
-    """Send log records of `level` and above to stderr in LOG_FORMAT.
+def configure_logging(level: str, node_id: str | None = None, log_format: str = "plain") -> None:
+    """Send log records of `level` and above to stderr in `log_format` (plain or json).
 
     Calling it again replaces the handler installed before, so records are never
-    written twice. Raises ValueError for a level outside DEBUG, INFO, WARNING, ERROR.
+    written twice. Raises ValueError for a level outside DEBUG, INFO, WARNING, ERROR
+    or a format other than plain and json.
     """
     global _installed_handler
 
@@ -52,13 +102,24 @@ def configure_logging(level: str, node_id: str | None = None) -> None:
     if _installed_handler is not None:
         root.removeHandler(_installed_handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(make_formatter(log_format))
     handler.addFilter(_node_id_filter)
     root.addHandler(handler)
-    root.setLevel(numeric_level)
     _installed_handler = handler
     set_node_id(node_id)
+    _apply_level(numeric_level)
 
+
+def set_log_level(level: str) -> None:
+    """Change the level of the installed handler's records, as on a settings reload."""
+    level_name = level.upper()
+    if level_name not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    _apply_level(logging.getLevelName(level_name))
+
+
+def _apply_level(numeric_level: int) -> None:
+    logging.getLogger().setLevel(numeric_level)
     # NOTSET lets the chatty libraries follow the root level when it is DEBUG.
     library_level = logging.NOTSET if numeric_level == logging.DEBUG else logging.WARNING
     for name in CHATTY_LIBRARY_LOGGERS:

@@ -7,6 +7,7 @@ which starts the node, waits for SIGTERM or SIGINT, and stops it.
 """
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
@@ -17,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node as KademliaNode
@@ -34,7 +35,16 @@ from voxanode.membership.state import Change, Member, NodeInfo
 from voxanode.membership.swim import Membership, SwimConfig
 from voxanode.peer.protocol import PeerProtocol, PeerStats, peer_label
 from voxanode.peer.sealing import Keyring
-from voxanode.settings import BindError, Settings
+from voxanode.logs import set_log_level
+from voxanode.notify import ServiceNotifier
+from voxanode.settings import (
+    SETTING_SPECS,
+    BindError,
+    Settings,
+    SettingsError,
+    display_value,
+    format_peer_address,
+)
 
 if TYPE_CHECKING:
     from voxanode.apps.controller import AppController
@@ -44,6 +54,23 @@ PEERS_FILE_VERSION = 1
 MAX_SAVED_PEERS = 64
 PEERS_SAVE_DELAY_SECONDS = 2.0
 LOOP_STOP_GRACE_SECONDS = 0.5
+# Settings a SIGHUP applies to the running node. The rest take effect after a restart.
+RELOADABLE_SETTINGS = frozenset(
+    {
+        "bootstrap",
+        "bootstrap_file",
+        "log_level",
+        "rate_limit_default",
+        "rate_limit_deployments",
+        "rate_limit_data",
+        "rate_limit_status",
+        "trusted_proxies",
+        "docker_pull_policy",
+        "docker_allowed_registries",
+    }
+)
+# Set by the daemon at start (git_commit) or not a setting of a file or flag.
+NOT_COMPARED_ON_RELOAD = frozenset({"git_commit", "config_file"})
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +105,34 @@ def _import_late_modules() -> None:
         importlib.import_module(name)
 
 
+def _describe_peer_change(before: tuple[tuple[str, int], ...], after: tuple[tuple[str, int], ...]) -> str:
+    added = [format_peer_address(*peer) for peer in after if peer not in before]
+    removed = [format_peer_address(*peer) for peer in before if peer not in after]
+    return (
+        f"bootstrap peers now {len(after)}: added {', '.join(added) or 'none'},"
+        f" removed {', '.join(removed) or 'none'}"
+    )
+
+
 class Node:
     """One voxanode process: its identity, DHT, data service and API."""
 
-    def __init__(self, settings: Settings, identity: Identity):
+    def __init__(
+        self,
+        settings: Settings,
+        identity: Identity,
+        *,
+        settings_loader: Callable[[], Settings] | None = None,
+        notifier: ServiceNotifier | None = None,
+    ):
         self.settings = settings
+        # Reads the settings again, from the same flags, environment and files, on SIGHUP.
+        self.settings_loader = settings_loader
+        self.notifier = notifier or ServiceNotifier({})
+        # Called with the new settings after a reload; each returns what it changed.
+        self.reload_hooks: list[Callable[[Settings], list[str]]] = []
+        self._reload_task: asyncio.Task | None = None
+        self._reload_pending = False
         self.identity = identity
         self.node_id = identity.node_id
         self.bootstrap_peers = tuple(settings.bootstrap_peers)
@@ -129,10 +179,13 @@ class Node:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
             await self.start()
             await self._stop_requested.wait()
         finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             await self.stop()
             # The process exits next: a repeated signal must not kill it half-way.
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -140,8 +193,19 @@ class Node:
                 signal.signal(signum, signal.SIG_IGN)
 
     def _on_stop_signal(self, signum: int) -> None:
-        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        logger.info("received %s, shutting down node=%s", signal.Signals(signum).name, self.node_id)
         self._stop_requested.set()
+
+    def _on_reload_signal(self) -> None:
+        if not self._started:
+            logger.info("received SIGHUP while starting; reloading once the node has started")
+            self._reload_pending = True
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            logger.info("received SIGHUP while a reload runs; the running reload reads the files")
+            return
+        logger.info("received SIGHUP, reloading settings, bootstrap peers and tokens")
+        self._reload_task = asyncio.get_running_loop().create_task(self.reload(), name="voxanode-reload")
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -149,10 +213,10 @@ class Node:
     async def start(self) -> None:
         """Open the store, bind the sockets, join, then start the apps, API and loops.
 
-        The node joins the network as soon as both sockets are bound, so that other
-        members list it while the modules of the app controller and the API (the
-        Docker SDK and the aiohttp server, a few hundred milliseconds) are still being
-        imported in a worker thread. Binding the API socket first means a port in use
+        The node joins the network as soon as both sockets are bound. Other members
+        then list it while a worker thread still imports the modules of the app
+        controller and the API: the Docker SDK and the aiohttp server take a few
+        hundred milliseconds. Binding the API socket first means a port in use
         fails the start before the node has told anyone about itself.
         """
         self.started_at = time.time()
@@ -183,6 +247,90 @@ class Node:
             self.store.count(now_millis()),
             len(self.bootstrap_peers),
         )
+        self.notifier.ready(self._service_status())
+        if self._reload_pending:
+            self._reload_pending = False
+            self._on_reload_signal()
+
+    def _service_status(self) -> str:
+        settings = self.settings
+        return (
+            f"node {self.node_id}: API {format_peer_address(settings.api_host, settings.api_port)},"
+            f" peers udp {format_peer_address(settings.peer_host, settings.peer_port)}"
+        )
+
+    # -- reload ---------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Read the settings files again and apply what can change while running.
+
+        Applies the bootstrap peers (joining the new ones at once), the log level and
+        what the reload hooks take (tokens, rate limits). Changed settings that need a
+        restart are logged. A file that does not load is rejected as a whole and the running
+        settings stay. Returns whether the new settings were applied.
+        """
+        self.notifier.reloading()
+        try:
+            if self.settings_loader is None:
+                new_settings = self.settings
+            else:
+                new_settings = self.settings_loader()
+        except SettingsError as error:
+            logger.error("reload rejected, the node keeps its running settings: %s", error)
+            self.notifier.ready(self._service_status())
+            return False
+        old_peers = set(self.bootstrap_peers)
+        changes = self._apply_settings(new_settings)
+        for hook in list(self.reload_hooks):
+            try:
+                changes.extend(hook(self.settings))
+            except Exception:  # noqa: BLE001 - one failing part must not stop the others
+                logger.exception("reload step %r failed node=%s", hook, self.node_id)
+        for change in changes:
+            logger.info("reload: %s", change)
+        if not changes:
+            logger.info("reload: nothing changed")
+        added = [peer for peer in self.bootstrap_peers if peer not in old_peers]
+        if added and self.protocol is not None:
+            await self._join(added)
+        self.notifier.ready(self._service_status())
+        return True
+
+    def _apply_settings(self, new: Settings) -> list[str]:
+        """Adopt the run-time settings of `new`; describe every change, applied or not."""
+        old = self.settings
+        changes: list[str] = []
+        applied: dict[str, object] = {}
+        for spec in SETTING_SPECS:
+            name = spec.name
+            if name in NOT_COMPARED_ON_RELOAD:
+                continue
+            before, after = getattr(old, name), getattr(new, name)
+            if before == after:
+                continue
+            if name not in RELOADABLE_SETTINGS:
+                changes.append(
+                    f"{name} changed (from {new.source_of(name)}) but takes effect after a restart"
+                )
+                continue
+            applied[name] = after
+            changes.append(
+                f"{name} changed from {display_value(before)} to {display_value(after)}"
+                f" (from {new.source_of(name)})"
+            )
+        if new.bootstrap_peers != old.bootstrap_peers:
+            applied["bootstrap_peers"] = new.bootstrap_peers
+            changes.append(_describe_peer_change(old.bootstrap_peers, new.bootstrap_peers))
+        if not applied:
+            return changes
+        self.settings = dataclasses.replace(old, **applied)
+        self.bootstrap_peers = tuple(self.settings.bootstrap_peers)
+        if "log_level" in applied:
+            set_log_level(self.settings.log_level)
+        if self.apps is not None:
+            self.apps.runtime.pull_policy = self.settings.docker_pull_policy
+            self.apps.runtime.set_allowed_registries(self.settings.docker_allowed_registries)
+        return changes
 
     async def _start_peer_socket(self) -> None:
         settings = self.settings
@@ -338,8 +486,17 @@ class Node:
             logger.error("background loop %s stopped: %r", task.get_name(), task.exception())
 
     async def stop(self) -> None:
-        """Stop the loops, the API and the peer socket, and close the store. Safe twice."""
+        """Stop the loops, the API and the peer socket, and close the store. Safe twice.
+
+        The API stops accepting connections first; requests already received run to
+        their end, up to `shutdown_timeout_seconds`, while the node leaves the network.
+        """
         errors = []
+        if self._started:
+            self.notifier.stopping()
+        if self.api_runner is not None:
+            for site in list(self.api_runner.sites):
+                await site.stop()
         if self.membership is not None and self._membership_started:
             # Others may list this node already, even when the start failed later on.
             self._membership_started = False
@@ -412,8 +569,9 @@ class Node:
             except asyncio.TimeoutError:
                 pass
 
-    async def _join(self) -> None:
-        addresses = await self._resolve_join_addresses()
+    async def _join(self, candidates: list[tuple[str, int]] | None = None) -> None:
+        """Join through `candidates`, by default the bootstrap and saved peers."""
+        addresses = await self._resolve_join_addresses(candidates)
         if not addresses:
             return
         answers = await asyncio.gather(*(self.protocol.ping_address(addr) for addr in addresses))
@@ -458,10 +616,13 @@ class Node:
         if contacts:
             await self.membership.join([(node.ip, node.port) for node in contacts])
 
-    async def _resolve_join_addresses(self) -> list[tuple[str, int]]:
+    async def _resolve_join_addresses(
+        self, candidates: list[tuple[str, int]] | None = None
+    ) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
         own = {(self.settings.peer_host, self.settings.peer_port)}
-        candidates = list(dict.fromkeys(list(self.bootstrap_peers) + self._load_saved_peers()))
+        if candidates is None:
+            candidates = list(dict.fromkeys(list(self.bootstrap_peers) + self._load_saved_peers()))
         resolved: list[tuple[str, int]] = []
         for host, port in candidates:
             try:

@@ -36,6 +36,7 @@ ENV_PREFIX = "VOXA_"
 CLIENT_ENV_VARIABLES = frozenset({"VOXA_URL", "VOXA_TOKEN"})
 DEFAULT_SOURCE = "default"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("plain", "json")
 MIN_PORT = 1
 MAX_PORT = 65535
 MAX_HOST_NAME_CHARS = 253
@@ -648,6 +649,12 @@ class Settings:
         ChoiceRule(LOG_LEVELS),
         GROUP_NODE,
     )
+    log_format: str = _setting(
+        "plain",
+        "log line format on stderr: plain text lines, or json objects for log shippers",
+        WordRule(LOG_FORMATS, metavar="FORMAT"),
+        GROUP_NODE,
+    )
     git_commit: str | None = _setting(
         None,
         "commit reported by /info/version",
@@ -984,6 +991,15 @@ class SettingSpec:
     default_text: str
     in_file: bool
     secret: bool
+
+
+def display_value(value: object) -> str:
+    """Return a setting's value as the user writes it, short enough for a log line."""
+    if value is None:
+        return "none"
+    if isinstance(value, (limits.RateLimitItem, bool)):
+        return _display_default(value)
+    return show_value(value)
 
 
 def _display_default(value: object) -> str:

@@ -1,11 +1,14 @@
 """Unit tests of voxanode.logs: line format, node id, levels of library loggers."""
 
+import json
 import logging
+import os
 import re
+import sys
 
 import pytest
 
-from voxanode.logs import configure_logging, set_node_id
+from voxanode.logs import configure_logging, set_log_level, set_node_id
 
 TIMESTAMP_PATTERN = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 WATCHED_LOGGERS = ("kademlia", "rpcudp", "aiohttp.access")
@@ -116,3 +119,48 @@ def test_library_info_hidden_unless_debug(capsys):
 def test_configure_logging_rejects_unknown_level():
     with pytest.raises(ValueError, match="log level must be one of DEBUG, INFO, WARNING, ERROR"):
         configure_logging("verbose")
+
+
+def test_json_format_one_object_per_line(capsys):
+    configure_logging("INFO", node_id="node-0123456789ab", log_format="json")
+    logging.getLogger("voxanode.test").info("stored key=%s", "k1")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("voxanode.test").exception("failed")
+    lines = capsys.readouterr().err.splitlines()
+    first = json.loads(lines[0])
+    assert first["message"] == "stored key=k1"
+    assert first["node_id"] == "node-0123456789ab"
+    assert first["level"] == "INFO" and first["logger"] == "voxanode.test"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    second = json.loads(lines[1])
+    assert "ValueError: boom" in second["exception"]
+    assert len(lines) == 2
+
+
+def test_plain_format_leaves_out_the_time_on_the_journal(capfd, monkeypatch):
+    status = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+    configure_logging("INFO", node_id="node-0123456789ab")
+    logging.getLogger("voxanode.test").info("hello")
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    configure_logging("INFO", node_id="node-0123456789ab")
+    logging.getLogger("voxanode.test").info("again")
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0] == "INFO voxanode.test node=node-0123456789ab hello"
+    assert expected_line("INFO", "voxanode.test", "node-0123456789ab", "again").fullmatch(lines[1])
+
+
+def test_set_log_level_changes_the_level(capsys):
+    configure_logging("INFO")
+    set_log_level("debug")
+    logging.getLogger("voxanode.test").debug("now visible")
+    assert "now visible" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        set_log_level("LOUD")
+
+
+def test_configure_logging_rejects_unknown_format():
+    with pytest.raises(ValueError):
+        configure_logging("INFO", log_format="xml")

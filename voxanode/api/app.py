@@ -10,14 +10,25 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from voxanode.api.auth import setup_auth
+from voxanode.api.auth import AUTHENTICATOR_KEY, setup_auth
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
 from voxanode.api.middlewares import MIDDLEWARES, add_request_id_header
-from voxanode.api.ratelimit import setup_rate_limits
-from voxanode.api.routes import apps, connectivity, data, docs, events, info, internal, nodes, status
+from voxanode.api.ratelimit import RATE_LIMITER_KEY, setup_rate_limits
+from voxanode.api.routes import (
+    apps,
+    connectivity,
+    data,
+    docs,
+    events,
+    info,
+    internal,
+    metrics,
+    nodes,
+    status,
+)
 from voxanode.api.stats import RequestStats
 from voxanode.api.listen import bind_api_sockets
-from voxanode.settings import format_peer_address
+from voxanode.settings import Settings, format_peer_address
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +50,22 @@ def create_app(node: ApiNode) -> web.Application:
 
     app.on_response_prepare.append(add_request_id_header)
     setup_rate_limits(app, node.settings)
-    for route_group in (data, nodes, status, info, connectivity, events, apps, docs):
+    for route_group in (data, nodes, status, info, connectivity, events, apps, docs, metrics):
         route_group.add_routes(app)
     if getattr(node, "identity", None) is not None:
         internal.add_routes(app)
+    reload_hooks = getattr(node, "reload_hooks", None)
+    if reload_hooks is not None:
+        reload_hooks.append(lambda settings: _reload(app, settings))
     return app
+
+
+def _reload(app: web.Application, settings: Settings) -> list[str]:
+    """Apply reloaded settings to the rate limiter and reread the token file."""
+    app[RATE_LIMITER_KEY].reconfigure(settings)
+    store = app[AUTHENTICATOR_KEY].store
+    store.refresh()
+    return [f"token file {store.path} reread: {store.active_count} active tokens"]
 
 
 async def start_api(node: ApiNode, sockets: list[socket.socket] | None = None) -> web.AppRunner:

@@ -4,7 +4,8 @@ Each request falls in one category, chosen by the route it matches:
 
 - deployments: `POST /apps/add_app/`, every request counted, rejected ones included;
 - data: routes under `/data/`;
-- status: routes under `/status/`;
+- status: routes under `/status/`, and `/metrics`, so that the status budget also
+  covers monitoring scrapes;
 - default: every other request, including requests that match no route (404, 405);
 - routes under `/internal/` are never limited: only member nodes call them, and the
   handlers reject any request without a member's signature.
@@ -19,8 +20,9 @@ The client address is the socket peer. Only when the peer is one of the
 `trusted_proxies`, the right-most address in `X-Forwarded-For` that is not a trusted
 proxy is used instead.
 
-The counters are fixed windows of the `limits` package in this process's memory, so
-each node counts on its own, and a restart starts every budget afresh.
+The counters are fixed windows in the memory storage of the `limits` package, in this
+process's memory, so each node counts on its own, and a restart starts every budget
+afresh.
 """
 
 import ipaddress
@@ -35,11 +37,12 @@ from typing import Any
 import limits
 from aiohttp import web
 from limits.storage import MemoryStorage
-from limits.strategies import FixedWindowRateLimiter
 
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import request_id_of
+from voxanode.api.routes import slash_variants
 from voxanode.api.routes.apps import ADD_APP_PATH
+from voxanode.api.routes.metrics import METRICS_PATH
 from voxanode.settings import IpNetwork, Settings, format_rate_limit
 
 LIMIT_HEADER = "X-RateLimit-Limit"
@@ -50,9 +53,15 @@ FORWARDED_FOR_HEADER = "X-Forwarded-For"
 # The key of requests whose peer address is not known, such as on a Unix socket.
 UNKNOWN_CLIENT = "unknown"
 MIN_RETRY_AFTER_SECONDS = 1
+# Entries of the limiter's caches of peer addresses and of storage keys. A cache that
+# reaches its size is emptied, so memory stays bounded however many clients connect.
+MAX_CACHED_PEERS = 4096
+MAX_CACHED_KEYS = 4096
 
 INTERNAL_PREFIX = "/internal/"
 STATUS_PREFIX = "/status/"
+# Route templates outside STATUS_PREFIX that count in the status category.
+STATUS_PATHS = frozenset(slash_variants(METRICS_PATH))
 DATA_PREFIX = "/data/"
 
 logger = logging.getLogger(__name__)
@@ -74,11 +83,11 @@ CATEGORY_DESCRIPTIONS = {
     RateLimitCategory.DEFAULT: "API requests",
     RateLimitCategory.DEPLOYMENTS: "deployments (POST /apps/add_app/)",
     RateLimitCategory.DATA: "data requests (/data/)",
-    RateLimitCategory.STATUS: "status requests (/status/)",
+    RateLimitCategory.STATUS: "status requests (/status/ and /metrics)",
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RateLimitState:
     """One counted request: its client, category and the budget left after it."""
 
@@ -101,6 +110,12 @@ class RateLimitState:
 
 class ApiRateLimiter:
     """Request budgets per category and client address, kept in this process's memory.
+
+    It counts with the storage calls of the fixed window strategy of `limits`
+    (`FixedWindowRateLimiter.hit` is one `MemoryStorage.incr` with the window length
+    as expiry), and reads the window's end with `get_expiry`. Those are two storage
+    calls per request, where `hit` and `get_window_stats` together made four calls
+    and built the storage key three times.
 
     It uses a fixed window, not the moving window of `limits`, for memory. In limits
     5.8.0 the memory storage's expiry task (`MemoryStorage.__expire_events`, run by a
@@ -129,7 +144,10 @@ class ApiRateLimiter:
         self.limits_by_category = dict(limits_by_category)
         self.trusted_proxies = tuple(trusted_proxies)
         self._storage = MemoryStorage()
-        self._limiter = FixedWindowRateLimiter(self._storage)
+        # (category, client) -> the storage key, as limit.key_for(category, client) builds it.
+        self._keys: dict[tuple[RateLimitCategory, str], str] = {}
+        # Socket peer text -> (canonical address text, whether it is a trusted proxy).
+        self._peers: dict[str, tuple[str, bool]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ApiRateLimiter":
@@ -143,6 +161,17 @@ class ApiRateLimiter:
             },
             settings.trusted_proxies,
         )
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take new `rate_limit_*` and `trusted_proxies` settings, as on a reload.
+
+        A category whose limit changed starts a new window for every client.
+        """
+        fresh = ApiRateLimiter.from_settings(settings)
+        self.limits_by_category = fresh.limits_by_category
+        self.trusted_proxies = fresh.trusted_proxies
+        self._keys.clear()
+        self._peers.clear()
 
     @property
     def tracked_windows(self) -> int:
@@ -159,32 +188,59 @@ class ApiRateLimiter:
         if limit is None:
             raise ValueError(f"category {category} is not limited, so it has no budget to count")
 
+        key = self._storage_key(limit, category, client)
+        count = self._storage.incr(key, limit.get_expiry())
+        reset_time = self._storage.get_expiry(key)
         now = time.time()
-        allowed = self._limiter.hit(limit, category, client)
-        stats = self._limiter.get_window_stats(limit, category, client)
+        allowed = count <= limit.amount
         if not allowed:
-            self._log_first_rejection(limit, category, client, stats.reset_time - now)
+            self._log_first_rejection(limit, category, client, count, reset_time - now)
         return RateLimitState(
             client=client,
             category=category,
             limit=limit,
             allowed=allowed,
-            remaining=stats.remaining,
-            reset_epoch_seconds=math.ceil(stats.reset_time),
-            retry_after_seconds=max(MIN_RETRY_AFTER_SECONDS, math.ceil(stats.reset_time - now)),
+            remaining=max(0, limit.amount - count),
+            reset_epoch_seconds=math.ceil(reset_time),
+            retry_after_seconds=max(MIN_RETRY_AFTER_SECONDS, math.ceil(reset_time - now)),
         )
+
+    def peer_of(self, remote: str) -> tuple[str, bool]:
+        """Return the canonical text of a socket peer address and whether it is a trusted proxy.
+
+        A peer that is not an IP address keeps its text and is not trusted.
+        """
+        known = self._peers.get(remote)
+        if known is not None:
+            return known
+        if len(self._peers) >= MAX_CACHED_PEERS:
+            self._peers.clear()
+        known = _classify_peer(remote, self.trusted_proxies)
+        self._peers[remote] = known
+        return known
+
+    def _storage_key(
+        self, limit: limits.RateLimitItem, category: RateLimitCategory, client: str
+    ) -> str:
+        key = self._keys.get((category, client))
+        if key is None:
+            if len(self._keys) >= MAX_CACHED_KEYS:
+                self._keys.clear()
+            key = limit.key_for(category, client)
+            self._keys[(category, client)] = key
+        return key
 
     def _log_first_rejection(
         self,
         limit: limits.RateLimitItem,
         category: RateLimitCategory,
         client: str,
+        count: int,
         seconds_left: float,
     ) -> None:
         # The fixed window counts rejected requests too, so the first rejection in a
         # window is the one that brings the counter to the limit plus one. Logging only
         # that one keeps a client that keeps trying to one line per window.
-        count = self._storage.get(limit.key_for(category, client))
         if count == limit.amount + 1:
             logger.info(
                 "rate limit reached client=%s category=%s limit=%s window_ends_in=%.0fs",
@@ -232,8 +288,8 @@ async def rate_limit_middleware(
 ) -> web.StreamResponse:
     """Count the request in its category's budget, and raise 429 when the budget is spent.
 
-    Needs `setup_rate_limits` on the app. It must run inside the error middleware,
-    which renders the 429 ApiError as the error envelope.
+    Needs `setup_rate_limits` on the app. It must run inside `api_middleware`, which
+    renders the 429 ApiError as the error envelope.
     """
     limiter = request.app.get(RATE_LIMITER_KEY)
     if limiter is None:
@@ -244,9 +300,11 @@ async def rate_limit_middleware(
 
     category = request_category(request)
     if category is None or limiter.limit_for(category) is None:
+        # Stored so that the header hook finds the key without a KeyError.
+        request[RATE_LIMIT_STATE_KEY] = None
         return await handler(request)
 
-    client = client_address(request, limiter.trusted_proxies)
+    client = client_address(request, limiter.trusted_proxies, limiter)
     state = limiter.hit(category, client)
     request[RATE_LIMIT_STATE_KEY] = state
     if not state.allowed:
@@ -271,7 +329,10 @@ async def add_rate_limit_headers(
     """
     state = request.get(RATE_LIMIT_STATE_KEY)
     if state is not None:
-        response.headers.update(state.headers())
+        headers = response.headers
+        headers[LIMIT_HEADER] = str(state.limit.amount)
+        headers[REMAINING_HEADER] = str(state.remaining)
+        headers[RESET_HEADER] = str(state.reset_epoch_seconds)
 
 
 def rate_limit_error(state: RateLimitState) -> ApiError:
@@ -305,7 +366,7 @@ def request_category(request: web.Request) -> RateLimitCategory | None:
     template = resource.canonical
     if template.startswith(INTERNAL_PREFIX):
         return None
-    if template.startswith(STATUS_PREFIX):
+    if template.startswith(STATUS_PREFIX) or template in STATUS_PATHS:
         return RateLimitCategory.STATUS
     if template.startswith(DATA_PREFIX):
         return RateLimitCategory.DATA
@@ -315,13 +376,18 @@ def request_category(request: web.Request) -> RateLimitCategory | None:
     return RateLimitCategory.DEFAULT
 
 
-def client_address(request: web.BaseRequest, trusted_proxies: tuple[IpNetwork, ...]) -> str:
+def client_address(
+    request: web.BaseRequest,
+    trusted_proxies: tuple[IpNetwork, ...],
+    limiter: ApiRateLimiter | None = None,
+) -> str:
     """Return the client IP address that the request's budget belongs to.
 
     That is the socket peer, unless the peer is a trusted proxy and sent a well-formed
     `X-Forwarded-For`. Then it is the right-most address of that header that is not a
     trusted proxy, or the left-most when every address is one. A header with an entry
-    that is not a bare IP address is ignored as a whole.
+    that is not a bare IP address is ignored as a whole. With a `limiter`, whose
+    trusted proxies must be `trusted_proxies`, the peer is looked up in its cache.
 
     NOTE: every IPv6 address has a budget of its own, so a client that controls a
     whole /64 network can spread its requests over many budgets.
@@ -330,16 +396,16 @@ def client_address(request: web.BaseRequest, trusted_proxies: tuple[IpNetwork, .
     remote = request.remote
     if not remote:
         return UNKNOWN_CLIENT
-    try:
-        peer = _canonical_address(remote)
-    except ValueError:
-        return remote
-    if not _is_trusted(peer, trusted_proxies):
-        return str(peer)
+    if limiter is not None:
+        peer, trusted = limiter.peer_of(remote)
+    else:
+        peer, trusted = _classify_peer(remote, trusted_proxies)
+    if not trusted:
+        return peer
 
     header_values = request.headers.getall(FORWARDED_FOR_HEADER, [])
     if not header_values:
-        return str(peer)
+        return peer
     entries = [entry.strip() for value in header_values for entry in value.split(",")]
     try:
         forwarded = [_canonical_address(entry) for entry in entries]
@@ -350,12 +416,21 @@ def client_address(request: web.BaseRequest, trusted_proxies: tuple[IpNetwork, .
             peer,
             len(entries),
         )
-        return str(peer)
+        return peer
 
     for address in reversed(forwarded):
         if not _is_trusted(address, trusted_proxies):
             return str(address)
     return str(forwarded[0])
+
+
+def _classify_peer(remote: str, trusted_proxies: tuple[IpNetwork, ...]) -> tuple[str, bool]:
+    """Return the canonical text of a peer address and whether it is a trusted proxy."""
+    try:
+        address = _canonical_address(remote)
+    except ValueError:
+        return remote, False
+    return str(address), _is_trusted(address, trusted_proxies)
 
 
 def _canonical_address(text: str) -> IpAddress:

@@ -27,6 +27,7 @@ import math
 import re
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ import docker
 import docker.errors
 import requests
 from docker.types import CancellableStream, LogConfig
+from prometheus_client import Histogram
 
 LABEL_NODE = "io.voxanode.node-id"
 LABEL_APP = "io.voxanode.app-id"
@@ -82,6 +84,11 @@ EVENT_ACTIONS = ("start", "die", "oom", "health_status")
 ZERO_TIME_PREFIX = "0001-01-01T"
 TIMESTAMP_PATTERN = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
 NAME_UNSAFE_PATTERN = re.compile(r"[^a-zA-Z0-9_.-]+")
+# Upper bounds of the Docker call latency buckets: from an inspect of a few
+# milliseconds to an image pull of minutes.
+DOCKER_CALL_BUCKETS_SECONDS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -591,7 +598,7 @@ class DockerRuntime:
         self.node_id = node_id
         self.host_ip = host_ip
         self.pull_policy = pull_policy
-        self.allowed_registries = frozenset(normalize_registry(host) for host in allowed_registries)
+        self.set_allowed_registries(allowed_registries)
         self.pids_limit = pids_limit
         self.base_url = base_url
         self.max_streams = max_streams
@@ -604,6 +611,20 @@ class DockerRuntime:
         self._closed = False
         self._calls: set[asyncio.Future[Any]] = set()
         self._pumps: set[StreamPump] = set()
+        # Time of each SDK call in a pool thread, by operation, failed calls included.
+        # It belongs to no registry: the node's metrics collector reads it.
+        self.call_durations = Histogram(
+            "voxanode_docker_call_duration_seconds",
+            "Time of each Docker SDK call that the node's app runtime made, measured in"
+            " the worker thread (waiting for a free worker excluded), by operation.",
+            ["operation"],
+            registry=None,
+            buckets=DOCKER_CALL_BUCKETS_SECONDS,
+        )
+
+    def set_allowed_registries(self, hosts: Sequence[str]) -> None:
+        """Replace the registries that images may be pulled from, as on a reload."""
+        self.allowed_registries = frozenset(normalize_registry(host) for host in hosts)
 
     @property
     def available(self) -> bool:
@@ -1117,10 +1138,29 @@ class DockerRuntime:
 
     def _submit(self, function: Callable[..., Result], *args: Any, **kwargs: Any) -> asyncio.Future[Result]:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, functools.partial(function, *args, **kwargs))
+        # The operation label is the method's name without its underscore, such as
+        # "create_and_start" or "sample_stats".
+        operation = function.__name__.lstrip("_")
+        future = loop.run_in_executor(
+            self._pool, functools.partial(self._timed_call, operation, function, args, kwargs)
+        )
         self._calls.add(future)
         future.add_done_callback(self._calls.discard)
         return future
+
+    def _timed_call(
+        self,
+        operation: str,
+        function: Callable[..., Result],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Result:
+        # Runs in a pool thread; Histogram.observe takes its own lock.
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.call_durations.labels(operation).observe(time.perf_counter() - started)
 
     async def _call(
         self, function: Callable[..., Result], *args: Any, default_kind: ErrorKind, **kwargs: Any

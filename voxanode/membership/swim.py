@@ -194,6 +194,9 @@ class Membership:
         for member in reachable:
             self._notify(member, [entry])
         self._broadcast_own()
+        if not reachable:
+            logger.info("leaving, no member to tell")
+            return
         logger.info(
             "announced leave to %d members, waiting %.1f s",
             len(reachable),
