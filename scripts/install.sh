@@ -22,7 +22,10 @@ readonly STAMP_NAME="voxanode-install.stamp"
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 prefix="/"
 source_dir="$(dirname "${script_dir}")"
-python="python3"
+# The system Python: the service user must be able to run the venv's interpreter,
+# and the unit's ProtectHome hides interpreters under /root and /home.
+python="/usr/bin/python3"
+[[ -x "${python}" ]] || python="python3"
 use_systemctl=1
 changes=0
 build_dir=""
@@ -37,7 +40,7 @@ Install voxanode as a systemd service. Run it as root; running it again is safe.
                   test an installation: the venv's scripts name its Python by the path
                   under DIR, so that venv runs only at that path.
   --source DIR    voxanode source tree to install [default: ${source_dir}]
-  --python PATH   Python ${MIN_PYTHON} or newer that creates the venv [default: python3].
+  --python PATH   Python ${MIN_PYTHON} or newer that creates the venv [default: /usr/bin/python3].
                   An existing venv that still starts is kept.
   --no-systemctl  do not run systemctl. It is also skipped when the prefix is not /
                   or when systemd is not running.
@@ -51,6 +54,10 @@ say() {
 die() {
     echo "${PROGRAM}: error: $*" >&2
     exit 1
+}
+
+warn() {
+    echo "${PROGRAM}: warning: $*" >&2
 }
 
 usage_error() {
@@ -115,6 +122,16 @@ check_environment() {
     command -v "${python}" >/dev/null || die "Python not found: ${python}; set --python"
     "${python}" -c "import sys; sys.exit(sys.version_info < (${MIN_PYTHON/./, }))" \
         || die "${python} is older than Python ${MIN_PYTHON}; set --python to a newer one"
+    "${python}" -c "import venv, ensurepip" 2>/dev/null \
+        || die "${python} cannot create a venv; install Debian's python3-venv package or set --python"
+    local real_python
+    real_python="$("${python}" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')"
+    case "${real_python}" in
+        /root/* | /home/*)
+            warn "${real_python} is under /root or /home: the voxanode user cannot run it, and the" \
+                "unit's ProtectHome=yes hides it; use a system Python such as --python /usr/bin/python3"
+            ;;
+    esac
 }
 
 # Print the numeric id of a user (database passwd) or group (database group) under

@@ -82,7 +82,7 @@ EPILOG = (
 TOKEN_DESCRIPTION = (
     "Create, list and revoke the bearer tokens of the REST API. They live in tokens.json "
     "in the node's data directory, which is found as the daemon finds it. A running node "
-    "reads changes at its next request."
+    "reads changes within a second."
 )
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def build_token_parser() -> argparse.ArgumentParser:
     list_command.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
     revoke = commands.add_parser(
-        "revoke", help="revoke a token; a running node rejects it from its next request on"
+        "revoke", help="revoke a token; a running node rejects it within a second"
     )
     revoke.add_argument("token", metavar="ID_OR_NAME", help="the token's id (tok-...) or its name")
 
@@ -366,8 +366,11 @@ def check_config_main(argv: list[str]) -> int:
 def _check_data_dir(settings: Settings) -> tuple[str | None, str | None]:
     directory = settings.data_dir
     existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as error:
+        return None, f"data_dir {directory}: {error.strerror or error}"
     if not existing.is_dir():
         return None, f"data_dir {directory}: {existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -378,25 +381,36 @@ def _check_data_dir(settings: Settings) -> tuple[str | None, str | None]:
 
 
 def _check_node_key(settings: Settings) -> tuple[str | None, str | None]:
-    if not (settings.data_dir / KEY_FILE_NAME).exists():
-        return "node key: none yet, created on first start", None
+    path = settings.data_dir / KEY_FILE_NAME
     try:
+        if not path.exists():
+            return "node key: none yet, created on first start", None
         identity = Identity.load(settings.data_dir)
     except IdentityError as error:
         return None, str(error)
+    except OSError as error:
+        return None, f"cannot read node key {path}: {error.strerror or error}; run as the node's user"
     return f"node key: {identity.node_id}", None
 
 
 def _check_token_file(settings: Settings) -> tuple[str | None, str | None]:
     path = token_file_path(settings.data_dir)
-    if not path.exists():
-        return "tokens: none" + (" (dev mode, authentication off)" if settings.dev else ""), None
     try:
-        records = read_token_file(path)
+        records = read_token_file(path) if path.exists() else []
     except TokenFileError as error:
         return None, str(error)
+    except OSError as error:
+        return None, f"cannot read the token file {path}: {error.strerror or error}; run as the node's user"
     active = sum(1 for record in records if record.active)
-    return f"tokens: {active} active of {len(records)} in {path}", None
+    line = f"tokens: {active} active of {len(records)} in {path}"
+    if settings.dev:
+        line += " (dev mode: authentication is off)"
+    elif not active:
+        line += (
+            "; warning: every request except GET /status/health will be rejected until"
+            " you create one with `voxanode token create`"
+        )
+    return line, None
 
 
 def _report_problems(prog: str, problems: list[str]) -> int:

@@ -99,6 +99,8 @@ class Identity:
         replaced, even by a concurrent start.
         """
         path = Path(data_dir) / KEY_FILE_NAME
+        if path.exists():
+            raise IdentityError(f"a node key already exists at {path}")
         identity = cls.generate()
         pem = identity._private_key.private_bytes(
             serialization.Encoding.PEM,

@@ -193,7 +193,7 @@ class Node:
                 signal.signal(signum, signal.SIG_IGN)
 
     def _on_stop_signal(self, signum: int) -> None:
-        logger.info("received %s, shutting down node=%s", signal.Signals(signum).name, self.node_id)
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
         self._stop_requested.set()
 
     def _on_reload_signal(self) -> None:
@@ -277,7 +277,7 @@ class Node:
                 new_settings = self.settings_loader()
         except SettingsError as error:
             logger.error("reload rejected, the node keeps its running settings: %s", error)
-            self.notifier.ready(self._service_status())
+            self.notifier.ready(self._service_status() + "; last reload rejected, see the log")
             return False
         old_peers = set(self.bootstrap_peers)
         changes = self._apply_settings(new_settings)
@@ -309,8 +309,9 @@ class Node:
             if before == after:
                 continue
             if name not in RELOADABLE_SETTINGS:
+                shown = "" if spec.secret else f" from {display_value(before)} to {display_value(after)}"
                 changes.append(
-                    f"{name} changed (from {new.source_of(name)}) but takes effect after a restart"
+                    f"{name} changed{shown} (from {new.source_of(name)}) but takes effect after a restart"
                 )
                 continue
             applied[name] = after

@@ -407,6 +407,8 @@ class TokenStore:
         self._read_once = False
         # time.monotonic() after which refresh_if_due checks the file again.
         self._next_check = 0.0
+        # Why the last read of a changed file failed; None after a good read.
+        self.last_error: str | None = None
 
     @property
     def active_count(self) -> int:
@@ -433,11 +435,12 @@ class TokenStore:
             if self._signature != ("stat failed", error.errno):
                 self._signature = ("stat failed", error.errno)
                 logger.error(
-                    "cannot stat the token file %s: %s; keeping the %d tokens read before",
+                    "cannot stat the token file %s: %s; keeping the %d active tokens read before",
                     self.path,
                     _reason(error),
-                    len(self._tokens),
+                    self.active_count,
                 )
+            self.last_error = f"cannot stat it: {_reason(error)}"
             return
 
         signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -448,9 +451,11 @@ class TokenStore:
             records = read_token_file(self.path)
         except TokenFileError as error:
             # The message names the file and the problem, never file content.
-            logger.error("%s; keeping the %d tokens read before", error, len(self._tokens))
+            logger.error("%s; keeping the %d active tokens read before", error, self.active_count)
+            self.last_error = str(error)
             return
 
+        self.last_error = None
         first_read = not self._read_once
         self._read_once = True
         self._tokens = tuple(

@@ -369,7 +369,7 @@ def test_broken_token_file_keeps_tokens(network, issued_tokens):
     errors = [line for line in log.splitlines() if " ERROR voxanode.tokens " in line]
     assert len(errors) == 1, errors
     assert "invalid token file" in errors[0]
-    assert "keeping the 1 tokens read before" in errors[0]
+    assert "keeping the 1 active tokens read before" in errors[0]
     assert token not in errors[0]
 
 

@@ -231,4 +231,4 @@ def test_sighup_applies_new_rate_limits(devnet_factory, tmp_path):
     assert wait_for(lambda: data_limit() == "5", 10) is True
     tail = node.log_tail(100)
     assert "rate_limit_data changed from 1000/minute to 5/minute" in tail
-    assert "token file" in tail and "reread" in tail
+    assert "token file" in tail and "active tokens" in tail

@@ -106,3 +106,24 @@ def test_check_config_reports_every_file_problem(tmp_path):
     checked = run_voxanode(tmp_path, "check-config", "--data-dir", str(data_dir))
     assert checked.returncode == 2
     assert len(checked.stderr.splitlines()) == 2, checked.stderr
+
+
+def test_check_config_unusable_data_dir_path(tmp_path):
+    # A name longer than the file system allows makes every stat of the path fail.
+    data_dir = tmp_path / ("d" * 300)
+    checked = run_voxanode(tmp_path, "check-config", "--data-dir", str(data_dir))
+    assert checked.returncode == 2, checked.stderr
+    assert "Traceback" not in checked.stderr
+    assert checked.stderr.startswith("voxanode check-config: error: data_dir")
+
+
+def test_client_variables_do_not_stop_the_daemon_commands(tmp_path):
+    environment = {"VOXA_TIMEOUT": "30", "VOXA_CLI_CONFIG": str(tmp_path / "cli.toml")}
+    checked = run_voxanode(tmp_path, "check-config", "--data-dir", str(tmp_path), env=environment)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_check_config_warns_without_tokens(tmp_path):
+    checked = run_voxanode(tmp_path, "check-config", "--data-dir", str(tmp_path))
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: every request except GET /status/health will be rejected" in checked.stdout

@@ -443,7 +443,7 @@ def test_store_keeps_tokens_when_file_breaks(token_path, caplog):
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "invalid token file" in errors[0].getMessage()
-    assert "keeping the 1 tokens" in errors[0].getMessage()
+    assert "keeping the 1 active tokens" in errors[0].getMessage()
     assert token not in caplog.text
 
 
