@@ -5,16 +5,25 @@ HTTP error statuses are returned, not raised, so tests can assert on 4xx/5xx rep
 The body is the parsed JSON, or the text when the reply is not JSON.
 """
 
+import hashlib
 import json
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 # The image scripts/build-test-image makes from busybox-static, for the app tests.
 TEST_IMAGE = "voxanode-test/httpd:latest"
+# What the test image serves: busybox httpd on the HTTP port, where GET
+# TEST_IMAGE_BYTES_PATH?n=N streams the first N bytes of the counting lines, and a
+# WebSocket echo server on any path of the WebSocket port.
+TEST_IMAGE_HTTP_PORT = 8080
+TEST_IMAGE_WEBSOCKET_PORT = 8081
+TEST_IMAGE_BYTES_PATH = "/cgi-bin/bytes"
+COUNTING_LINE_DIGITS = 15
+COUNTING_LINES_PER_CHUNK = 65536
 # Daemon flags for tests: no authentication, intervals short enough that republish,
 # sweeps, join retries and routing refreshes happen within a test's time, and API rate
 # limits so high that no test is throttled. Flags given after these override them.
@@ -101,3 +110,27 @@ def wait_for(condition, timeout: float, interval: float = 0.5):
             return True
         time.sleep(interval)
     return last
+
+
+def counting_lines(size_bytes: int) -> Iterator[bytes]:
+    """Yield, in chunks, the `size_bytes` bytes that the test image's bytes CGI script sends.
+
+    Line i (from 0) is i in decimal with leading zeros to 15 digits, then a newline, so
+    every line is 16 bytes. The content is those lines cut after `size_bytes` bytes.
+    """
+    line_bytes = COUNTING_LINE_DIGITS + 1
+    full_lines, rest_bytes = divmod(size_bytes, line_bytes)
+    line_format = b"%0" + str(COUNTING_LINE_DIGITS).encode() + b"d\n"
+    for first in range(0, full_lines, COUNTING_LINES_PER_CHUNK):
+        last = min(first + COUNTING_LINES_PER_CHUNK, full_lines)
+        yield b"".join(line_format % number for number in range(first, last))
+    if rest_bytes:
+        yield (line_format % full_lines)[:rest_bytes]
+
+
+def counting_lines_sha256(size_bytes: int) -> str:
+    """Return the hex SHA-256 of `counting_lines(size_bytes)`."""
+    digest = hashlib.sha256()
+    for chunk in counting_lines(size_bytes):
+        digest.update(chunk)
+    return digest.hexdigest()
