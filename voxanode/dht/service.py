@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import random
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -111,6 +112,8 @@ class DataService:
         self.republish_rounds = 0
         self.records_rejected = 0
         self._next_reject_warning = 0.0
+        self.record_writes_failed = 0
+        self._next_write_error_log = 0.0
         self.records_republished = 0
 
     def attach(self, protocol) -> None:
@@ -131,7 +134,14 @@ class DataService:
         except RecordError as error:
             self._count_rejected(sender_id, error)
             return False, str(error)
-        if self.records.put(record, envelope, now_ms):
+        try:
+            written = self.records.put(record, envelope, now_ms)
+        except sqlite3.Error as error:
+            # A full or failing disk must not fail the store as a whole: the caller
+            # moves on to the next candidate node.
+            self._count_write_failed(record, sender_id, error)
+            return False, "record database write failed"
+        if written:
             logger.debug(
                 "stored record key=%s bytes=%d from node=%s",
                 record.dht_key.hex()[:12],
@@ -153,6 +163,20 @@ class DataService:
             logger.warning(
                 "rejected invalid records: %d since start, latest from node=%s: %s",
                 self.records_rejected,
+                readable_node_id(sender_id),
+                error,
+            )
+
+    def _count_write_failed(self, record: Record, sender_id: bytes, error: sqlite3.Error) -> None:
+        """Count a record the database could not take; log an ERROR at most once a minute."""
+        self.record_writes_failed += 1
+        now = time.monotonic()
+        if now >= self._next_write_error_log:
+            self._next_write_error_log = now + REJECT_WARNING_INTERVAL_SECONDS
+            logger.error(
+                "cannot write records: %d failed since start, latest key=%s from node=%s: %s",
+                self.record_writes_failed,
+                record.dht_key.hex()[:12],
                 readable_node_id(sender_id),
                 error,
             )

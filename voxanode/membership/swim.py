@@ -235,6 +235,13 @@ class Membership:
             if candidates:
                 member = random.choice(candidates)
                 await self._sync_with(tuple(member.info.peer_address), member.dht_id)
+            # Nothing probes a member declared dead, so after a network split each side
+            # would keep the other offline for good. A push-pull with one failed member
+            # per round merges the two sides once the split heals.
+            failed = [m for m in self.table.others() if m.status is MemberStatus.OFFLINE]
+            if failed:
+                member = random.choice(failed)
+                await self._sync_with(tuple(member.info.peer_address), member.dht_id)
             self._forget_old_members()
             await self._sleep(self.config.push_pull_interval_seconds * random.uniform(0.9, 1.1))
 
