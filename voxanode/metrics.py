@@ -304,7 +304,60 @@ def app_families(apps: Any) -> Iterator[Metric]:
             "1 when the Docker engine answered the runtime's last call, else 0.",
             value=1 if runtime.available else 0,
         )
-        yield from runtime.call_durations.collect()
+        for family in runtime.call_durations.collect():
+            # Each series' creation time is not a figure an operator charts.
+            family.samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
+            yield family
+
+    ingress = getattr(apps, "ingress", None)
+    if ingress is not None:
+        yield from ingress_families(ingress)
+
+
+def ingress_families(ingress: Any) -> Iterator[Metric]:
+    """Build the families of app traffic that passed through this node's ingress."""
+    requests = CounterMetricFamily(
+        "voxanode_ingress_requests",
+        "App traffic requests forwarded by this node's ingress, by app id and status"
+        " class; the proxy's own 502, 503 and 504 count as 5xx.",
+        labels=["app", "status_class"],
+    )
+    failures = CounterMetricFamily(
+        "voxanode_ingress_upstream_failures",
+        "Forwarding attempts whose connection to an instance failed, timed out or was"
+        " reset before a response, by app id.",
+        labels=["app"],
+    )
+    durations = HistogramMetricFamily(
+        "voxanode_ingress_request_duration_seconds",
+        "Time from the request's arrival to the end of the app's reply, by app id.",
+        labels=["app"],
+    )
+    bounds = [floatToGoString(bound / MS_PER_SECOND) for bound in LATENCY_BUCKET_BOUNDS_MS]
+    bounds.append("+Inf")
+    for app_id, traffic in sorted(ingress.traffic.items()):
+        for status_class, count in sorted(traffic.status_classes.items()):
+            requests.add_metric([app_id, status_class], count)
+        failures.add_metric([app_id], traffic.upstream_failures)
+        cumulative = 0
+        buckets = []
+        for bound, count in zip(bounds, traffic.bucket_counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        durations.add_metric([app_id], buckets, traffic.total_ms / MS_PER_SECOND)
+    yield requests
+    yield failures
+    yield durations
+
+    circuits = GaugeMetricFamily(
+        "voxanode_ingress_circuits",
+        "Instances in this node's ingress rotation, by app id and circuit breaker state"
+        " (closed, open, half_open).",
+        labels=["app", "state"],
+    )
+    for app_id, state, count in ingress.circuit_states():
+        circuits.add_metric([app_id, state], count)
+    yield circuits
 
 
 def _state_gauge(name: str, documentation: str, states: Iterable[str]) -> Metric:

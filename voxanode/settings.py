@@ -33,7 +33,7 @@ DEFAULT_CONFIG_FILE = Path("config") / "settings.json"
 DEFAULT_BOOTSTRAP_FILE = Path("bootstrap_peers.json")
 ENV_PREFIX = "VOXA_"
 # Variables of the client tools (voxa-cli); the daemon neither reads nor rejects them.
-CLIENT_ENV_VARIABLES = frozenset({"VOXA_URL", "VOXA_TOKEN"})
+CLIENT_ENV_VARIABLES = frozenset({"VOXA_URL", "VOXA_TOKEN", "VOXA_TIMEOUT", "VOXA_CLI_CONFIG"})
 DEFAULT_SOURCE = "default"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("plain", "json")
@@ -58,6 +58,9 @@ GROUP_TIMERS = "timers"
 GROUP_MEMBERSHIP = "membership and events"
 GROUP_APPS = "apps and Docker"
 GROUP_RATE_LIMITS = "rate limits"
+GROUP_INGRESS = "ingress"
+# Balancing strategies of app ingress, as voxanode.ingress.balancer names them.
+INGRESS_STRATEGIES = ("round_robin", "least_connections", "latency")
 
 _INTEGER_PATTERN = re.compile(r"[+-]?[0-9]{1,18}")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
@@ -954,6 +957,13 @@ class Settings:
         GROUP_RATE_LIMITS,
         default_text=UNLIMITED_TEXT,
     )
+    rate_limit_ingress: limits.RateLimitItem | None = _setting(
+        None,
+        "app traffic requests per client IP address through /proxy/ and ingress_port",
+        RateLimitRule(),
+        GROUP_RATE_LIMITS,
+        default_text=UNLIMITED_TEXT,
+    )
     trusted_proxies: tuple[IpNetwork, ...] = _setting(
         (),
         "proxies, as IP addresses or CIDR networks, whose X-Forwarded-For header names"
@@ -961,6 +971,51 @@ class Settings:
         NetworkListRule(),
         GROUP_RATE_LIMITS,
         default_text="none",
+    )
+
+    # ingress
+    ingress_port: int = _setting(
+        0,
+        "TCP port of a second listener on api_host that routes app traffic by the Host"
+        " header (APP or APP.anything); 0 turns it off",
+        IntegerRule(0, MAX_PORT, metavar="PORT"),
+        GROUP_INGRESS,
+        default_text="0 (off)",
+    )
+    ingress_strategy: str = _setting(
+        "round_robin",
+        "how app traffic is spread over instances when the app's spec names no strategy:"
+        " round_robin, least_connections or latency",
+        WordRule(INGRESS_STRATEGIES, metavar="STRATEGY"),
+        GROUP_INGRESS,
+    )
+    ingress_retries: int = _setting(
+        2,
+        "other instances an idempotent request is tried on after its connection failed",
+        IntegerRule(0, 10),
+        GROUP_INGRESS,
+    )
+    ingress_connect_timeout_seconds: float = _setting(
+        5.0, "longest wait for a connection to an app instance", POSITIVE_SECONDS_RULE, GROUP_INGRESS
+    )
+    ingress_read_timeout_seconds: float = _setting(
+        60.0,
+        "longest wait for the next bytes from an app instance, response headers included",
+        POSITIVE_SECONDS_RULE,
+        GROUP_INGRESS,
+    )
+    ingress_circuit_failures: int = _setting(
+        5,
+        "failures in a row (failed connections, timeouts, 5xx) after which an instance"
+        " gets no traffic for the cool-down",
+        IntegerRule(1, 1000),
+        GROUP_INGRESS,
+    )
+    ingress_circuit_cooldown_seconds: float = _setting(
+        10.0,
+        "time an instance gets no traffic after its circuit opened, before one trial request",
+        POSITIVE_SECONDS_RULE,
+        GROUP_INGRESS,
     )
 
     # Derived by load_settings, not settable. bootstrap_peers lists the peers of

@@ -47,6 +47,7 @@ CANONICAL_KEY_ORDER = [
     "restart",
     "command",
     "capabilities",
+    "ingress",
 ]
 
 
@@ -549,7 +550,7 @@ def test_strict_json_types(data, field):
             body(ports_list=[]),
             "ports_list",
             "name, image, replicas, resources, environment, ports, health_check, "
-            "restart, command, capabilities",
+            "restart, command, capabilities, ingress",
         ),
         (body(resources={"disk": "1g"}), "resources.disk", "memory, cpu"),
         (

@@ -24,7 +24,9 @@ from voxanode.api.routes import (
     internal,
     metrics,
     nodes,
+    proxy,
     status,
+    ui,
 )
 from voxanode.api.stats import RequestStats
 from voxanode.api.listen import bind_api_sockets
@@ -50,7 +52,7 @@ def create_app(node: ApiNode) -> web.Application:
 
     app.on_response_prepare.append(add_request_id_header)
     setup_rate_limits(app, node.settings)
-    for route_group in (data, nodes, status, info, connectivity, events, apps, docs, metrics):
+    for route_group in (data, nodes, status, info, connectivity, events, apps, docs, metrics, proxy, ui):
         route_group.add_routes(app)
     if getattr(node, "identity", None) is not None:
         internal.add_routes(app)
@@ -65,7 +67,9 @@ def _reload(app: web.Application, settings: Settings) -> list[str]:
     app[RATE_LIMITER_KEY].reconfigure(settings)
     store = app[AUTHENTICATOR_KEY].store
     store.refresh()
-    return [f"token file {store.path} reread: {store.active_count} active tokens"]
+    if store.last_error is not None:
+        return [f"token file not used ({store.last_error}); keeping {store.active_count} active tokens"]
+    return [f"token file {store.path}: {store.active_count} active tokens"]
 
 
 async def start_api(node: ApiNode, sockets: list[socket.socket] | None = None) -> web.AppRunner:

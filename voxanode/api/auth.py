@@ -6,7 +6,15 @@ with a token from the node's token file (see `voxanode.tokens`), except:
 - `GET` and `HEAD` of `/status/health`, so that load balancers and the devnet
   harness can probe a node without a token;
 - every route under `/internal/`: the node-to-node routes, which check a signature
-  by the calling node's key themselves.
+  by the calling node's key themselves;
+- every route under `/proxy/`: app traffic, not API calls. Its Authorization header,
+  if any, belongs to the app and passes to it untouched;
+- `GET` and `HEAD` of the web dashboard's page `/ui/`, its redirect `/ui` and its
+  files `/ui/static/NAME`, which contain no data. The page's script sends a token.
+
+A websocket upgrade request without an Authorization header may carry the token in
+the `access_token` query parameter (RFC 6750, section 2.3) instead, because browsers
+cannot set headers on a websocket. Other requests must use the header.
 
 GET and HEAD need scope read, every other method scope write; admin includes write.
 A token created with `voxanode token create` works at once, because an unknown token
@@ -28,6 +36,8 @@ from aiohttp import web
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import NODE_KEY, request_id_of
 from voxanode.api.routes import Handler, slash_variants
+from voxanode.api.routes.proxy import PROXY_PREFIX
+from voxanode.api.routes.ui import UI_ASSET_PATH, UI_PATH, UI_REDIRECT_PATH
 from voxanode.settings import Settings
 from voxanode.tokens import (
     Scope,
@@ -39,10 +49,13 @@ from voxanode.tokens import (
 
 AUTH_REALM = "voxanode"
 BEARER_SCHEME = "bearer"
-OPEN_PATHS = frozenset(slash_variants("/status/health"))
+OPEN_PATHS = frozenset(
+    (*slash_variants("/status/health"), UI_PATH, UI_REDIRECT_PATH, UI_ASSET_PATH)
+)
 OPEN_METHODS = frozenset({"GET", "HEAD"})
 INTERNAL_PATH_PREFIX = "/internal/"
 READ_METHODS = frozenset({"GET", "HEAD"})
+WEBSOCKET_TOKEN_PARAMETER = "access_token"
 # A revoked token still in use is logged at INFO at most once per token in this time.
 REVOKED_USE_LOG_INTERVAL_SECONDS = 60.0
 CREATE_TOKEN_HINT = "create one with `voxanode token create --scope SCOPE --name NAME`"
@@ -121,7 +134,7 @@ def is_open_route(request: web.Request) -> bool:
     resource = request.match_info.route.resource
     if resource is None:
         return False
-    if resource.canonical.startswith(INTERNAL_PATH_PREFIX):
+    if resource.canonical.startswith(INTERNAL_PATH_PREFIX) or resource.canonical.startswith(PROXY_PREFIX):
         return True
     return request.method in OPEN_METHODS and resource.canonical in OPEN_PATHS
 
@@ -165,8 +178,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _bearer_token(request: web.Request) -> str:
-    """Return the token of the Authorization header, or raise a 401 ApiError."""
+    """Return the token of the Authorization header, or raise a 401 ApiError.
+
+    A websocket upgrade without the header takes the token from `access_token`.
+    """
     header = request.headers.get("Authorization")
+    if header is None and _is_websocket_upgrade(request):
+        query_token = request.query.get(WEBSOCKET_TOKEN_PARAMETER)
+        if query_token is not None:
+            header = f"{BEARER_SCHEME} {query_token}"
     if header is None:
         raise _unauthenticated(
             f"this route needs an Authorization: Bearer token; {CREATE_TOKEN_HINT}"
@@ -184,6 +204,13 @@ def _bearer_token(request: web.Request) -> str:
             invalid=True,
         )
     return token
+
+
+def _is_websocket_upgrade(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").strip().lower() == "websocket"
+    )
 
 
 def _unauthenticated(message: str, *, invalid: bool = False) -> ApiError:

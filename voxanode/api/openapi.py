@@ -21,7 +21,7 @@ import msgspec
 from msgspec import Meta
 
 import voxanode
-from voxanode.api.auth import OPEN_PATHS
+from voxanode.api.auth import OPEN_PATHS, WEBSOCKET_TOKEN_PARAMETER
 from voxanode.api.ratelimit import DATA_PREFIX, STATUS_PATHS, STATUS_PREFIX
 from voxanode.api.responses import (
     APP_ID_PATTERN,
@@ -38,7 +38,14 @@ from voxanode.api.routes.apps import (
     MAX_LOG_TAIL,
 )
 from voxanode.api.routes.metrics import METRICS_PATH
+from voxanode.api.routes.proxy import (
+    PROXY_APP_PATH,
+    PROXY_METHODS,
+    PROXY_PATH_TEMPLATE,
+    PROXY_PREFIX,
+)
 from voxanode.api.routes.nodes import MAX_CAPABILITY_CHARS, STATUS_NAMES
+from voxanode.api.routes.ui import UI_ASSET_PATH, UI_ASSETS, UI_PATH
 from voxanode.api.schemas import MIN_REPLICAS, MIN_TTL_SECONDS, StoreBody
 from voxanode.apps.catalogue import APP_PHASES
 from voxanode.apps.spec import DEFAULT_REPLICAS, MIN_DEPLOY_REPLICAS, AppBody
@@ -168,6 +175,14 @@ APP_ID_SCHEMA = {"type": "string", "pattern": APP_ID_PATTERN}
 WEBSOCKET_UPGRADE_HEADERS = (
     "Open it with a websocket client, which sends `Connection: Upgrade`, "
     "`Upgrade: websocket`, `Sec-WebSocket-Version: 13` and `Sec-WebSocket-Key`."
+)
+# Browsers cannot set headers on a websocket, so the upgrade request may carry the
+# bearer token in the query string instead (voxanode.api.auth).
+WEBSOCKET_TOKEN_QUERY = _query(
+    WEBSOCKET_TOKEN_PARAMETER,
+    {"type": "string"},
+    "the bearer token, for clients such as browsers that cannot send an "
+    "Authorization header with the upgrade request; ignored when the header is sent",
 )
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -440,6 +455,7 @@ OPERATIONS: tuple[Operation, ...] = (
                     "items": _enum(EventType),
                 },
             },
+            WEBSOCKET_TOKEN_QUERY,
         ),
         websocket_message="NetworkEvent",
     ),
@@ -484,6 +500,7 @@ OPERATIONS: tuple[Operation, ...] = (
                 "false sends the history and closes with 1000. Also accepts 1, 0, yes "
                 "and no",
             ),
+            WEBSOCKET_TOKEN_QUERY,
         ),
         websocket_message="LogMessage",
     ),
@@ -539,7 +556,109 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
         reply_media_type="*/*",
     ),
+    Operation(
+        "get",
+        UI_PATH,
+        "getDashboard",
+        "docs",
+        "Web dashboard",
+        "The node's web dashboard: members, apps and their instances, the event feed "
+        "and app logs, with deploy, scale and stop. The page and its files need no "
+        "token; its script asks for one when the API replies 401 and sends it with "
+        "every request. `/ui` redirects here.",
+        None,
+        reply_media_type=HTML_MEDIA_TYPE,
+    ),
+    Operation(
+        "get",
+        UI_ASSET_PATH,
+        "getDashboardAsset",
+        "docs",
+        "Dashboard asset",
+        "The style sheet or script of the web dashboard.",
+        None,
+        errors={404: "RESOURCE_NOT_FOUND: no asset has this name"},
+        extra_responses={
+            304: {"description": "Not Modified: `If-None-Match` lists the asset's ETag"}
+        },
+        parameters=(
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "description": "file name of the asset",
+                "schema": {"type": "string", "enum": sorted(UI_ASSETS)},
+            },
+        ),
+        reply_media_type="*/*",
+    ),
 )
+
+
+PROXY_DESCRIPTION = (
+    "App traffic: the request goes to a running, healthy instance of the app named by "
+    "`app` (its name or id), with the rest of the path and the query string unchanged, "
+    "and the instance's reply comes back as it is: any status, headers and body. "
+    "Hop-by-hop headers are dropped and `X-Forwarded-For`, `X-Forwarded-Proto` and "
+    "`X-Forwarded-Host` added. Needs no token: an Authorization header goes to the app. "
+    "A websocket upgrade on GET is proxied too. Counts in the ingress rate limit category."
+)
+PROXY_ERRORS = {
+    404: "RESOURCE_NOT_FOUND: no app has this name or id",
+    502: "NETWORK_ERROR: the connection to the instance failed, or it refused a "
+    "websocket upgrade",
+    503: "SERVICE_UNAVAILABLE: no running, healthy instance can take the request "
+    "(with `Retry-After`), or this node runs no app controller",
+    504: "NETWORK_ERROR: the instance sent nothing within the node's "
+    "ingress_read_timeout_seconds",
+}
+PROXY_PARAMETERS = {
+    "app": {
+        "name": "app",
+        "in": "path",
+        "required": True,
+        "description": "the app's name or id",
+        "schema": {"type": "string", "minLength": 1},
+    },
+    "path": {
+        "name": "path",
+        "in": "path",
+        "required": True,
+        "description": "the path sent to the instance, after its leading slash",
+        "schema": {"type": "string"},
+    },
+}
+PROXY_APP_REPLY = {"default": {"description": "The app's own reply, whatever its status."}}
+
+
+def _proxy_operations() -> tuple[Operation, ...]:
+    """Return the free-form operations of the proxy routes, one per path and method."""
+    operations = []
+    for path, parameters in (
+        (PROXY_APP_PATH, (PROXY_PARAMETERS["app"],)),
+        (PROXY_PATH_TEMPLATE, (PROXY_PARAMETERS["app"], PROXY_PARAMETERS["path"])),
+    ):
+        suffix = "Path" if path == PROXY_PATH_TEMPLATE else "Root"
+        for method in PROXY_METHODS:
+            operations.append(
+                Operation(
+                    method.lower(),
+                    path,
+                    f"proxy{method.capitalize()}{suffix}",
+                    "ingress",
+                    f"App traffic ({method})",
+                    PROXY_DESCRIPTION,
+                    None,
+                    errors=dict(PROXY_ERRORS),
+                    parameters=parameters,
+                    extra_responses=dict(PROXY_APP_REPLY),
+                    reply_media_type="*/*",
+                )
+            )
+    return tuple(operations)
+
+
+OPERATIONS += _proxy_operations()
 
 
 def build_openapi(settings: Any, asset_names: Iterable[str] = ()) -> dict[str, Any]:
@@ -611,10 +730,11 @@ Integer fields take JSON numbers written without a fraction or exponent: `3.0` a
 `3e0` are rejected with 400, although JSON Schema counts them as integers.
 
 Requests need `Authorization: Bearer TOKEN` unless the node runs with `--dev`;
-`/status/health` never needs one.
+`/status/health` and the app traffic routes under `/proxy/` never need one.
 
 Each client address has a request budget per window for deployments, for `/data/`
-routes, for `/status/` routes and `/metrics`, and for all other routes, set by the
+routes, for `/status/` routes and `/metrics`, for app traffic under `/proxy/`, and
+for all other routes, set by the
 node's `rate_limit_*` settings. Replies to a limited route carry `X-RateLimit-Limit`,
 `X-RateLimit-Remaining` and `X-RateLimit-Reset`, and a request over the budget gets
 429 with `Retry-After`. The operations of limited routes list the 429 reply.
@@ -629,6 +749,7 @@ TAGS = [
     {"name": "apps", "description": "Containers deployed across the network"},
     {"name": "events", "description": "The network event stream"},
     {"name": "docs", "description": "This document and its viewers"},
+    {"name": "ingress", "description": "App traffic to the instances of an app"},
 ]
 
 
@@ -660,6 +781,8 @@ def _rate_limit(operation: Operation, settings: Any) -> Any:
     """
     if operation.path.startswith(STATUS_PREFIX) or operation.path in STATUS_PATHS:
         return settings.rate_limit_status
+    if operation.path.startswith(PROXY_PREFIX):
+        return settings.rate_limit_ingress
     if operation.path.startswith(DATA_PREFIX):
         return settings.rate_limit_data
     if operation.method == "post" and operation.path == ADD_APP_PATH:
@@ -668,7 +791,7 @@ def _rate_limit(operation: Operation, settings: Any) -> Any:
 
 
 def _operation_object(operation: Operation, rate_limit: Any) -> dict[str, Any]:
-    public = operation.path in OPEN_PATHS
+    public = operation.path in OPEN_PATHS or operation.path.startswith(PROXY_PREFIX)
     document: dict[str, Any] = {
         "operationId": operation.operation_id,
         "tags": [operation.tag],

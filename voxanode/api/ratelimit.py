@@ -6,6 +6,8 @@ Each request falls in one category, chosen by the route it matches:
 - data: routes under `/data/`;
 - status: routes under `/status/`, and `/metrics`, so that the status budget also
   covers monitoring scrapes;
+- ingress: app traffic through `/proxy/{app}/...` and the host-routed `ingress_port`,
+  so that app traffic never spends the API budget;
 - default: every other request, including requests that match no route (404, 405);
 - routes under `/internal/` are never limited: only member nodes call them, and the
   handlers reject any request without a member's signature.
@@ -43,6 +45,7 @@ from voxanode.api.keys import request_id_of
 from voxanode.api.routes import slash_variants
 from voxanode.api.routes.apps import ADD_APP_PATH
 from voxanode.api.routes.metrics import METRICS_PATH
+from voxanode.api.routes.proxy import HOST_ROUTE_TEMPLATE, PROXY_PREFIX
 from voxanode.settings import IpNetwork, Settings, format_rate_limit
 
 LIMIT_HEADER = "X-RateLimit-Limit"
@@ -77,6 +80,7 @@ class RateLimitCategory(StrEnum):
     DEPLOYMENTS = "deployments"
     DATA = "data"
     STATUS = "status"
+    INGRESS = "ingress"
 
 
 CATEGORY_DESCRIPTIONS = {
@@ -84,6 +88,7 @@ CATEGORY_DESCRIPTIONS = {
     RateLimitCategory.DEPLOYMENTS: "deployments (POST /apps/add_app/)",
     RateLimitCategory.DATA: "data requests (/data/)",
     RateLimitCategory.STATUS: "status requests (/status/ and /metrics)",
+    RateLimitCategory.INGRESS: "app traffic (/proxy/ and the ingress port)",
 }
 
 
@@ -158,6 +163,7 @@ class ApiRateLimiter:
                 RateLimitCategory.DEPLOYMENTS: settings.rate_limit_deployments,
                 RateLimitCategory.DATA: settings.rate_limit_data,
                 RateLimitCategory.STATUS: settings.rate_limit_status,
+                RateLimitCategory.INGRESS: settings.rate_limit_ingress,
             },
             settings.trusted_proxies,
         )
@@ -366,6 +372,8 @@ def request_category(request: web.Request) -> RateLimitCategory | None:
     template = resource.canonical
     if template.startswith(INTERNAL_PREFIX):
         return None
+    if template.startswith(PROXY_PREFIX) or template == HOST_ROUTE_TEMPLATE:
+        return RateLimitCategory.INGRESS
     if template.startswith(STATUS_PREFIX) or template in STATUS_PATHS:
         return RateLimitCategory.STATUS
     if template.startswith(DATA_PREFIX):

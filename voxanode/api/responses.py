@@ -451,11 +451,16 @@ class InstanceStatus(_Reply):
 
 
 class AppMetrics(_Reply):
-    """Request metrics of the app. The node does not measure them yet, so they are 0."""
+    """Requests to the app through the ingress of every node, counted since each node's start.
+
+    Errors are replies with status 500 or more, the proxy's own 502, 503 and 504
+    included. The 95th percentile is estimated from a latency histogram.
+    """
 
     total_requests: Count
     avg_response_time_ms: float
     error_rate_percent: float
+    p95_response_time_ms: float
 
 
 class AppFailureInfo(_Reply):

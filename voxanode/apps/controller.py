@@ -52,6 +52,7 @@ from voxanode.apps.peer_calls import PeerCallError, PeerCalls
 from voxanode.apps.placement import NodeCapacity, PlacementError, choose_extras, place
 from voxanode.apps.runtime import DockerRuntime
 from voxanode.apps.spec import AppSpec
+from voxanode.ingress.proxy import Ingress
 from voxanode.membership.state import Member, MemberStatus
 
 logger = logging.getLogger(__name__)
@@ -110,10 +111,12 @@ class AppController:
         self._kept_failures: set[str] = set()
         self._started_at = time.monotonic()
         self._health_session: aiohttp.ClientSession | None = None
+        self.ingress = Ingress(self)
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.ingress.start()
         await self._connect_engine()
         loops = [
             ("apps-converge", self._converge_loop()),
@@ -141,6 +144,7 @@ class AppController:
             await asyncio.wait(self._tasks, timeout=5)
         if self._health_session is not None:
             await self._health_session.close()
+        await self.ingress.stop()
         await self.agent.close()
         await self.calls.close()
         await self.runtime.close()
@@ -170,6 +174,10 @@ class AppController:
         if membership is None:
             return {}
         return {m.node_id: m for m in membership.table.members.values()}
+
+    def members(self) -> dict[str, Member]:
+        """Return the members of this node's view by node id."""
+        return self._members()
 
     def _deploy_nodes(self, statuses=(MemberStatus.ONLINE,)) -> list[Member]:
         return [
@@ -207,6 +215,7 @@ class AppController:
     def on_member_change(self, member: Member, change: Any) -> None:
         """Membership changed: recheck the apps, and share the catalogue with newcomers."""
         self._reconcile_requested.set()
+        self.ingress.view_changed()
         if change.value in ("joined", "rejoined") and member.node_id != self.node_id:
             self._spawn(self._sync_with(member))
 
@@ -576,6 +585,7 @@ class AppController:
                 continue
             if self.catalogue.merge_report(report):
                 self._reconcile_requested.set()
+                self.ingress.view_changed()
 
     def merge_push(self, payload: Any) -> None:
         self._merge_payload(payload)
@@ -593,6 +603,7 @@ class AppController:
         """Publish app events for a record change and let the local agent act on it."""
         self._converge_requested.set()
         self._reconcile_requested.set()
+        self.ingress.view_changed()
         subject = {"app_id": record.app_id}
         old_phase = previous.phase if previous else None
         if record.phase != old_phase:
@@ -620,6 +631,7 @@ class AppController:
     def _own_report_changed(self) -> None:
         self._report_push_requested.set()
         self._reconcile_requested.set()
+        self.ingress.view_changed()
         self._refresh_load()
 
     def _refresh_load(self) -> None:
@@ -681,6 +693,10 @@ class AppController:
                         await self._reconcile(record.app_id)
                 except Exception:  # noqa: BLE001 - one app's failure must not stop the others
                     logger.exception("reconciling failed node=%s app=%s", self.node_id, record.app_id)
+
+    def instance_state(self, instance_id: str, node_id: str) -> InstanceState | None:
+        """Return an instance as its node last reported it, or None when not reported."""
+        return self._instance_state(instance_id, node_id)
 
     def _instance_state(self, instance_id: str, node_id: str) -> InstanceState | None:
         if node_id == self.node_id:
@@ -987,7 +1003,7 @@ class AppController:
             "last_updated": _iso(record.updated_at),
             "replicas": counts,
             "instances": instances,
-            "metrics": {"total_requests": 0, "avg_response_time_ms": 0, "error_rate_percent": 0.0},
+            "metrics": self.ingress.status_metrics(record.app_id),
             "last_error": None if error is None else {
                 "reason": error.reason, "kind": error.kind, "node_id": error.node_id,
                 "instance_id": error.instance_id, "at": _iso(error.at),
@@ -995,9 +1011,16 @@ class AppController:
         }
 
     async def _refresh_reports(self, record: AppRecord) -> None:
-        """Fetch fresh reports from the nodes running the app, within a short timeout."""
+        """Fetch fresh reports and ingress counters from every reachable member.
+
+        The nodes running the app send their instance figures. Every node may have
+        forwarded the app's traffic, so all are asked for their counters. A node that
+        does not reply in time counts with the counters it sent last.
+        NOTE: that is one call per member for each status request, which grows with
+        the network.
+        """
         members = self._members()
-        targets = {n for n in record.assignments.values() if n != self.node_id and self._node_alive(n)}
+        targets = {n for n, m in members.items() if n != self.node_id and m.reachable}
 
         async def fetch(node_id: str) -> None:
             member = members.get(node_id)
@@ -1012,6 +1035,8 @@ class AppController:
                 return
             if status == 200:
                 self._merge_payload(answer)
+                if isinstance(answer, dict) and "ingress" in answer:
+                    self.ingress.remember_peer(answer["ingress"])
 
         if targets:
             await asyncio.gather(*(fetch(n) for n in targets))
@@ -1046,7 +1071,12 @@ class AppController:
         }
 
     def own_report_payload(self) -> dict:
-        return {"apps": [], "reports": [self.agent.report().to_dict()]}
+        """Return this node's instance report and its ingress counters of every app."""
+        return {
+            "apps": [],
+            "reports": [self.agent.report().to_dict()],
+            "ingress": self.ingress.snapshot().to_dict(),
+        }
 
     def log_sources(self, app_id: str) -> list[tuple[str, str, tuple[str, int] | None]]:
         """Return (instance id, node id, API address or None for this node) of each instance."""

@@ -67,6 +67,9 @@ DEFAULT_REPLICAS = 1
 MIN_DEPLOY_REPLICAS = 1
 
 Protocol = Literal["tcp", "udp"]
+# Balancing strategies of app ingress, as voxanode.ingress.balancer names them.
+IngressStrategy = Literal["round_robin", "least_connections", "latency"]
+INGRESS_STRATEGIES: tuple[str, ...] = get_args(IngressStrategy)
 RestartPolicy = Literal["always", "on-failure", "never"]
 HealthCheckKind = Literal["http", "tcp"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
@@ -169,6 +172,22 @@ class HealthCheck:
         return data
 
 
+@dataclass(frozen=True)
+class IngressSpec:
+    """How the app's traffic through the node ingress is balanced, and on which port."""
+
+    strategy: str | None  # one of INGRESS_STRATEGIES, None for the node's default
+    port: int | None  # a tcp container port of the spec, None for the first one
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.strategy is not None:
+            data["strategy"] = self.strategy
+        if self.port is not None:
+            data["port"] = self.port
+        return data
+
+
 class Environment(Mapping[str, str]):
     """An immutable, hashable mapping of environment variable names to values.
 
@@ -218,6 +237,7 @@ class AppSpec:
     restart: str  # "always", "on-failure" or "never"
     command: tuple[str, ...] | None  # argv that replaces the image's command
     capabilities: tuple[str, ...]  # added Linux capabilities, sorted, without "CAP_"
+    ingress: IngressSpec | None = None  # None: the node's default strategy, first tcp port
 
     def __post_init__(self) -> None:
         # Any mapping given becomes an Environment, so the spec stays hashable.
@@ -249,6 +269,8 @@ class AppSpec:
         if self.command is not None:
             data["command"] = list(self.command)
         data["capabilities"] = list(self.capabilities)
+        if self.ingress is not None:
+            data["ingress"] = self.ingress.to_dict()
         return data
 
     @classmethod
@@ -354,6 +376,34 @@ class HealthCheckBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = DEFAULT_HEALTH_START_PERIOD_SECONDS
 
 
+class IngressBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How app traffic through the node ingress (`/proxy/{app}/...`) reaches instances."""
+
+    strategy: (
+        Annotated[
+            IngressStrategy,
+            Meta(
+                description="round_robin, least_connections (fewest requests in "
+                "flight) or latency (lowest average response time times requests in "
+                "flight). Defaults to the node's ingress_strategy"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    port: (
+        Annotated[
+            int,
+            Meta(
+                ge=MIN_PORT,
+                le=MAX_PORT,
+                description='a port listed in "ports" with protocol "tcp". Defaults '
+                "to the first such port",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
 class AppBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The JSON body of a deploy request."""
 
@@ -411,6 +461,7 @@ class AppBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         ]
         | UnsetType
     ) = UNSET
+    ingress: IngressBody | UnsetType = UNSET
 
 
 # The Struct of each object in the body, by field path without list indexes.
@@ -419,6 +470,7 @@ _OBJECT_TYPES: dict[str, type[msgspec.Struct]] = {
     "resources": ResourcesBody,
     "ports[]": PortBody,
     "health_check": HealthCheckBody,
+    "ingress": IngressBody,
 }
 
 
@@ -535,6 +587,7 @@ def _build_spec(data: dict[str, Any], limits: SpecLimits | None) -> AppSpec:
     health_check = _check_health_check(body.health_check, ports)
     command = _check_command(body.command)
     capabilities = _check_capabilities(body.capabilities, limits)
+    ingress = _check_ingress(body.ingress, ports)
 
     return AppSpec(
         name=body.name,
@@ -548,6 +601,7 @@ def _build_spec(data: dict[str, Any], limits: SpecLimits | None) -> AppSpec:
         restart=body.restart,
         command=command,
         capabilities=capabilities,
+        ingress=ingress,
     )
 
 
@@ -719,6 +773,23 @@ def _check_health_port(port: int | UnsetType, ports: tuple[PortSpec, ...]) -> in
             f'must be one of the tcp ports that "ports" lists ({listed}), got {port}',
         )
     return port
+
+
+def _check_ingress(body: IngressBody | UnsetType, ports: tuple[PortSpec, ...]) -> IngressSpec | None:
+    if body is UNSET:
+        return None
+    port = None
+    if body.port is not UNSET:
+        tcp_ports = [spec.container_port for spec in ports if spec.protocol == "tcp"]
+        if body.port not in tcp_ports:
+            listed = ", ".join(str(number) for number in tcp_ports) or "none"
+            raise invalid_field(
+                "ingress.port",
+                f'must be one of the tcp ports that "ports" lists ({listed}), got {body.port}',
+            )
+        port = body.port
+    strategy = None if body.strategy is UNSET else body.strategy
+    return IngressSpec(strategy=strategy, port=port)
 
 
 def _check_command(command: list[str] | UnsetType) -> tuple[str, ...] | None:
@@ -978,6 +1049,15 @@ def _field_rule_issue(rule: str, limits: SpecLimits | None) -> str | None:
             'as "NET_BIND_SERVICE"'
         ),
         "capabilities[]": 'must be a capability name string such as "NET_BIND_SERVICE"',
+        "ingress": (
+            'must be an object such as {"strategy": "least_connections"} with the '
+            'optional fields "strategy" and "port"'
+        ),
+        "ingress.strategy": _choice_issue(INGRESS_STRATEGIES),
+        "ingress.port": (
+            f"must be an integer port from {MIN_PORT} to {MAX_PORT} that "
+            '"ports" lists with protocol "tcp"'
+        ),
     }
     return issues.get(rule)
 

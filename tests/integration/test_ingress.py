@@ -1,0 +1,367 @@
+"""App ingress on a real 3-node network with real Docker containers of the test image.
+
+The network is shared by the tests of this module, which run in file order: an app
+replies through `/proxy/` of every node, requests spread over its instances (counted
+in each container's own access log), a container killed with `docker kill` during a
+bounded loop of requests costs none of them, an app without healthy instances gets
+503, and get_app_status counts the requests sent through every node. Every container
+the nodes made is removed at the end, found by its node id label.
+
+The test image's busybox httpd logs one `response:STATUS` line per request to stderr,
+without the URL, so the spread test uses an app without a health check: then every
+logged request is one the test sent.
+"""
+
+import asyncio
+import hashlib
+import random
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import aiohttp
+import psutil
+import pytest
+
+from event_stream import EventStream
+from helpers import (
+    FAST_DAEMON_ARGS,
+    TEST_IMAGE,
+    TEST_IMAGE_BYTES_PATH,
+    TEST_IMAGE_HTTP_PORT,
+    TEST_IMAGE_WEBSOCKET_PORT,
+    api_get,
+    api_post,
+    api_request,
+    counting_lines_sha256,
+    wait_for,
+)
+from voxanode.devnet import Devnet, allocate_free_block
+
+APP_ARGS = (
+    "--apps-reconcile-interval-seconds", "1",
+    "--apps-stats-interval-seconds", "2",
+    "--apps-sync-interval-seconds", "3",
+    "--apps-stop-timeout-seconds", "2",
+)
+SETTLE_SECONDS = 30
+RUNNING_SECONDS = 90
+NODE_LABEL = "io.voxanode.node-id"
+APP_LABEL = "io.voxanode.app-id"
+HTTPD = {"ports": [{"container_port": 8080}], "resources": {"memory": "64m", "cpu": "0.2"}}
+INDEX_TEXT = "voxanode-test httpd index"
+# busybox httpd -v logs this for each request it replied to.
+ACCESS_LOG_MARK = "response:"
+SPREAD_REQUESTS = 60
+KILL_AT_REQUEST = 20
+REQUESTS_AFTER_KILL = 300
+KILL_LOOP_MAX_REQUESTS = 3000
+LOG_FLUSH_SECONDS = 1.0
+REQUEST_TIMEOUT_SECONDS = 10
+LARGE_RESPONSE_BYTES = 50 * 1024 * 1024
+READ_CHUNK_BYTES = 256 * 1024
+# Growth of the forwarding node's resident memory allowed while 50 MiB pass through
+# it: well below the body, so a node that buffered the body fails the test.
+MAX_RSS_GROWTH_BYTES = 20 * 1024 * 1024
+RSS_SAMPLE_SECONDS = 0.02
+LARGE_RESPONSE_TIMEOUT_SECONDS = 120
+WEBSOCKET_CLOSE_CODE = 4321
+
+
+def docker(*args: str) -> str:
+    completed = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, f"docker {' '.join(args)} failed: {completed.stderr.strip()}"
+    return completed.stdout + completed.stderr
+
+
+def containers_of(app_id: str) -> list[str]:
+    return docker("ps", "-q", "--filter", f"label={APP_LABEL}={app_id}").split()
+
+
+def access_log_count(container_id: str) -> int:
+    """Return the requests a container's httpd logged so far."""
+    return docker("logs", container_id).count(ACCESS_LOG_MARK)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory, test_image):
+    block = allocate_free_block(4, random.Random())
+    devnet = Devnet(
+        3,
+        tmp_path_factory.mktemp("ingress-devnet"),
+        first_address=block.first_address,
+        api_port=block.api_port,
+        peer_port=block.peer_port,
+        extra_args=list(FAST_DAEMON_ARGS) + list(APP_ARGS),
+    )
+    devnet.start()
+    node_ids = [node.fetch_node_id() for node in devnet.nodes]
+    try:
+        assert wait_for(lambda: all(_offers_apps(node, node_ids) for node in devnet.nodes), SETTLE_SECONDS) is True
+        yield devnet
+    finally:
+        devnet.stop()
+        for node_id in node_ids:
+            leftovers = docker("ps", "-aq", "--filter", f"label={NODE_LABEL}={node_id}").split()
+            if leftovers:
+                docker("rm", "-f", *leftovers)
+
+
+def _offers_apps(node, node_ids) -> bool:
+    status, body, _ = api_get(node.api_url, "/data/discover_nodes/", capability="app-deployment")
+    return status == 200 and {n["node_id"] for n in body["nodes"]} >= set(node_ids)
+
+
+def deploy(node, **spec) -> str:
+    body = {"name": spec.pop("name"), "image": TEST_IMAGE, **HTTPD, **spec}
+    status, answer, _ = api_post(node.api_url, "/apps/add_app/", body, timeout=120)
+    assert status == 200, answer
+    return answer["app_id"]
+
+
+def app_status(node, app_id: str) -> dict:
+    status, body, _ = api_get(node.api_url, "/apps/get_app_status/", app_id=app_id)
+    assert status == 200, body
+    return body
+
+
+def wait_healthy(nodes, app_id: str, replicas: int) -> dict:
+    """Wait until every node's status shows `replicas` running, healthy instances."""
+
+    def ready():
+        for node in nodes:
+            counts = app_status(node, app_id)["replicas"]
+            if not counts["running"] == counts["healthy"] == replicas:
+                return counts
+        return True
+
+    result = wait_for(ready, RUNNING_SECONDS)
+    assert result is True, f"app {app_id} did not reach {replicas} healthy instances: {result}"
+    return app_status(nodes[0], app_id)
+
+
+def proxy_get(node, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(node.api_url + path, timeout=REQUEST_TIMEOUT_SECONDS) as reply:
+            return reply.status, reply.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def front(network) -> str:
+    """An app of 3 replicas without a health check, one on each node."""
+    a, _, _ = network.nodes
+    app_id = deploy(a, name="front", replicas=3)
+    body = wait_healthy(network.nodes, app_id, 3)
+    assert len({instance["node_id"] for instance in body["instances"]}) == 3
+    return app_id
+
+
+def test_app_answers_through_every_node(network, front):
+    for node in network.nodes:
+        for path in ("/proxy/front/", f"/proxy/{front}/index.html", "/proxy/front"):
+            status, text = proxy_get(node, path)
+            assert status == 200, (node.api_url, path, text)
+            assert INDEX_TEXT in text
+
+    status, text = proxy_get(network.nodes[0], "/proxy/front/missing.html")
+    assert status == 404, "the app's own 404 passes through"
+    assert INDEX_TEXT not in text
+
+
+def test_requests_spread_over_instances(network, front):
+    a, _, _ = network.nodes
+    containers = containers_of(front)
+    assert len(containers) == 3
+    before = {container: access_log_count(container) for container in containers}
+
+    for _ in range(SPREAD_REQUESTS):
+        status, _ = proxy_get(a, "/proxy/front/")
+        assert status == 200
+    time.sleep(LOG_FLUSH_SECONDS)
+
+    served = {container: access_log_count(container) - before[container] for container in containers}
+    assert sum(served.values()) == SPREAD_REQUESTS, served
+    # Round robin over three instances gives each a third.
+    assert sorted(served.values()) == [SPREAD_REQUESTS // 3] * 3, served
+
+
+def test_killed_container_loses_no_request(network, front):
+    _, b, _ = network.nodes
+    victim = containers_of(front)[0]
+    victim_instance = docker(
+        "inspect", "--format", '{{index .Config.Labels "io.voxanode.instance-id"}}', victim
+    ).strip()
+    statuses: list[int] = []
+    killed_at: list[int] = []
+
+    def kill():
+        docker("kill", victim)
+        killed_at.append(len(statuses))
+
+    killer = threading.Thread(target=kill)
+    with EventStream(b.api_url, "?types=load_rebalanced") as events:
+        # The loop is bounded: it ends REQUESTS_AFTER_KILL requests after the kill
+        # returned, and after KILL_LOOP_MAX_REQUESTS requests in any case.
+        for index in range(KILL_LOOP_MAX_REQUESTS):
+            if index == KILL_AT_REQUEST:
+                killer.start()
+            statuses.append(proxy_get(b, "/proxy/front/")[0])
+            if killed_at and len(statuses) >= killed_at[0] + REQUESTS_AFTER_KILL:
+                break
+        killer.join()
+        removed = events.wait_for(
+            "load_rebalanced", 20, instance_id=victim_instance, reason="ingress_rotation", change="removed"
+        )
+
+    assert killed_at, "docker kill did not return"
+    assert len(statuses) == killed_at[0] + REQUESTS_AFTER_KILL
+    assert statuses == [200] * len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    assert removed is not None, "node b published no rotation change for the killed instance"
+    assert removed["app_id"] == front
+    # Requests did reach the dead instance and were retried on the others.
+    assert upstream_failures(b, front) > 0
+
+
+def upstream_failures(node, app_id: str) -> float:
+    with urllib.request.urlopen(node.api_url + "/metrics", timeout=REQUEST_TIMEOUT_SECONDS) as reply:
+        text = reply.read().decode()
+    prefix = f'voxanode_ingress_upstream_failures_total{{app="{app_id}"}} '
+    (line,) = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(line.removeprefix(prefix))
+
+
+def test_large_response_streams_through_other_node(network):
+    a, b, c = network.nodes
+    app_id = deploy(a, name="bulk", replicas=1)
+    body = wait_healthy(network.nodes, app_id, 1)
+    instance_node = body["instances"][0]["node_id"]
+    proxy_node = next(node for node in (a, b, c) if node.fetch_node_id() != instance_node)
+    url = f"{proxy_node.api_url}/proxy/bulk{TEST_IMAGE_BYTES_PATH}?n={LARGE_RESPONSE_BYTES}"
+    process = psutil.Process(proxy_node.pid)
+    baseline = process.memory_info().rss
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample_rss():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(RSS_SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    try:
+        received, digest = asyncio.run(download(url))
+    finally:
+        done.set()
+        sampler.join()
+
+    assert received == LARGE_RESPONSE_BYTES
+    assert digest == counting_lines_sha256(LARGE_RESPONSE_BYTES)
+    assert peak[0] - baseline < MAX_RSS_GROWTH_BYTES, f"node RSS grew by {(peak[0] - baseline) / 2**20:.1f} MiB"
+
+
+async def download(url: str) -> tuple[int, str]:
+    """Read a response in chunks; return its size and SHA-256."""
+    digest = hashlib.sha256()
+    received = 0
+    timeout = aiohttp.ClientTimeout(total=LARGE_RESPONSE_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.get(url) as response:
+            assert response.status == 200
+            async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+                digest.update(chunk)
+                received += len(chunk)
+    return received, digest.hexdigest()
+
+
+def test_websocket_echo_through_proxy(network):
+    a, b, _ = network.nodes
+    ports = [{"container_port": TEST_IMAGE_HTTP_PORT}, {"container_port": TEST_IMAGE_WEBSOCKET_PORT}]
+    app_id = deploy(a, name="echo", replicas=1, ports=ports, ingress={"port": TEST_IMAGE_WEBSOCKET_PORT})
+    wait_healthy(network.nodes, app_id, 1)
+
+    text, binary, close_code = asyncio.run(echo_through(b.api_url.replace("http://", "ws://") + "/proxy/echo/chat"))
+
+    assert text == "hello through the proxy"
+    assert binary == bytes(range(256))
+    assert close_code == WEBSOCKET_CLOSE_CODE
+    (container,) = containers_of(app_id)
+    expected = f"closed with code {WEBSOCKET_CLOSE_CODE}"
+    assert wait_for(lambda: expected in docker("logs", container), 10) is True, "the close code did not reach the app"
+
+
+async def echo_through(url: str) -> tuple[str, bytes, int]:
+    async with aiohttp.ClientSession() as session:
+        websocket = await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=10))
+        await websocket.send_str("hello through the proxy")
+        text = await websocket.receive(timeout=REQUEST_TIMEOUT_SECONDS)
+        await websocket.send_bytes(bytes(range(256)))
+        binary = await websocket.receive(timeout=REQUEST_TIMEOUT_SECONDS)
+        await websocket.close(code=WEBSOCKET_CLOSE_CODE, message=b"done")
+    return text.data, binary.data, websocket.close_code
+
+
+def test_unhealthy_app_gets_503(network):
+    a, b, c = network.nodes
+    check = {"type": "http", "path": "/no-such-page", "interval_seconds": 1, "timeout_seconds": 0.5, "retries": 1}
+    app_id = deploy(a, name="sick", replicas=2, health_check=check)
+
+    def unhealthy():
+        counts = app_status(b, app_id)["replicas"]
+        return (counts["running"] == counts["unhealthy"] == 2) or counts
+
+    assert wait_for(unhealthy, RUNNING_SECONDS) is True
+
+    for node in (a, b, c):
+        status, body, headers = api_get(node.api_url, "/proxy/sick/")
+        assert status == 503, body
+        assert body["success"] is False
+        assert body["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert headers["Retry-After"] == "2"
+
+    metrics = app_status(c, app_id)["metrics"]
+    assert metrics["total_requests"] == 3
+    assert metrics["error_rate_percent"] == 100.0
+
+    status, body, _ = api_post(a.api_url, "/apps/add_stop_app/", {"app_id": app_id, "force": True}, timeout=60)
+    assert status == 200, body
+    status, body, _ = api_get(b.api_url, "/proxy/sick/")
+    assert status == 503
+    assert body["error"]["code"] == "SERVICE_UNAVAILABLE"
+
+    status, body, _ = api_get(b.api_url, "/proxy/never-deployed/")
+    assert status == 404
+    assert body["error"]["code"] == "RESOURCE_NOT_FOUND"
+
+
+def test_status_metrics_count_requests_of_every_node(network):
+    a, b, c = network.nodes
+    app_id = deploy(a, name="counted", replicas=2)
+    wait_healthy(network.nodes, app_id, 2)
+    sent = {a: 7, b: 11, c: 13}
+
+    for node, count in sent.items():
+        for _ in range(count):
+            status, _ = proxy_get(node, "/proxy/counted/index.html")
+            assert status == 200
+    status, _, _ = api_request("POST", c.api_url, "/proxy/counted/form", body={"x": 1})
+    assert status in (404, 405, 501), "busybox httpd answers a POST to a file with a 4xx or 501"
+    total = sum(sent.values()) + 1
+    error_rate = 100.0 / total if status >= 500 else 0.0
+
+    for node in network.nodes:
+        metrics = app_status(node, app_id)["metrics"]
+        assert metrics["total_requests"] == total, (node.api_url, metrics)
+        assert metrics["error_rate_percent"] == pytest.approx(error_rate, abs=0.001)
+        assert metrics["avg_response_time_ms"] > 0
+        assert metrics["p95_response_time_ms"] > 0
+
+    with urllib.request.urlopen(a.api_url + "/metrics", timeout=REQUEST_TIMEOUT_SECONDS) as reply:
+        text = reply.read().decode()
+    line = f'voxanode_ingress_requests_total{{app="{app_id}",status_class="2xx"}} {float(sent[a])}'
+    assert line in text
+    assert f'voxanode_ingress_request_duration_seconds_count{{app="{app_id}"}} {float(sent[a])}' in text

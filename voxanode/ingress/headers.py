@@ -1,0 +1,88 @@
+"""Request and response headers across the proxy: hop-by-hop removal and X-Forwarded-*.
+
+RFC 9110 section 7.6.1 says a proxy must remove the fields named in `Connection` and
+the connection-specific fields (Connection, Proxy-Connection, Keep-Alive, TE,
+Transfer-Encoding, Upgrade) before forwarding a message. `Trailer` is removed too,
+because the proxy does not forward trailer fields, so announcing them would mislead.
+"""
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Lower-case names, compared against `name.lower()`.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+    }
+)
+# Headers that the websocket handshake of the proxy's own client sets again.
+WEBSOCKET_HANDSHAKE_HEADERS = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+FORWARDED_FOR = "X-Forwarded-For"
+FORWARDED_PROTO = "X-Forwarded-Proto"
+FORWARDED_HOST = "X-Forwarded-Host"
+
+
+def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """Return the lower-case header names that the `Connection` header lists."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], also_drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """Return a copy of `headers` without hop-by-hop fields and without `also_drop` names.
+
+    Repeated fields keep their order. `also_drop` takes lower-case names.
+    """
+    dropped = HOP_BY_HOP_HEADERS | connection_listed(headers)
+    extra = frozenset(also_drop)
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in dropped or lowered in extra:
+            continue
+        kept.add(name, value)
+    return kept
+
+
+def add_forwarded(
+    headers: CIMultiDict[str],
+    client: str | None,
+    scheme: str,
+    host: str | None,
+    trusted_peer: bool,
+) -> None:
+    """Append the client to X-Forwarded-For and set X-Forwarded-Proto and -Host.
+
+    X-Forwarded-For keeps the entries the client sent, as nginx's
+    `$proxy_add_x_forwarded_for` does, so the app decides which entries to trust. A
+    trusted peer (a proxy in `trusted_proxies`) keeps the Proto and Host values it
+    sent; from any other peer they are replaced, so a client cannot pose as HTTPS.
+    """
+    if client:
+        previous = ", ".join(headers.getall(FORWARDED_FOR, ()))
+        headers[FORWARDED_FOR] = f"{previous}, {client}" if previous else client
+    if not (trusted_peer and FORWARDED_PROTO in headers):
+        headers[FORWARDED_PROTO] = scheme
+    if host and not (trusted_peer and FORWARDED_HOST in headers):
+        headers[FORWARDED_HOST] = host
