@@ -9,8 +9,9 @@ also adds it to a `ChaosReport`, which the chaos conftest prints at the end of t
 Step actions (the `args` each takes):
 
 - `write` (count, ttl, replicas, writers): store `count` new keys through the given
-  node indexes, or random reachable nodes; `overwrite` (writers) stores a new value for
-  every key this plan wrote; `short_ttl` (count, ttl) stores keys that expire soon.
+  node indexes, or through random reachable nodes.
+- `overwrite` (writers): store a new value for every key this plan wrote.
+- `short_ttl` (count, ttl): store keys that expire soon.
 - `kill`, `freeze`, `thaw`, `restart` (node): SIGKILL, SIGSTOP, SIGCONT, or SIGTERM
   and start again. `node` is an index, or "holder" for a node holding a key of the plan.
 - `partition` (groups: two lists of indexes), `heal`.

@@ -1,9 +1,11 @@
 """Data and membership under faults: each plan runs on the shared 5-node network.
 
-After each plan settles, every durable acknowledged write must read back as its newest
-version, no expired value may be served, every node must list every other as online,
-every live key must have its replica count of copies, no node may have crashed, and
-every node stopped by the plan must have exited with code 0.
+After each plan settles, these must hold:
+- every durable acknowledged write reads back as its newest version;
+- no expired value is served;
+- every node lists every other as online;
+- every live key has its replica count of copies;
+- no node has crashed, and every node the plan stopped exited with code 0.
 
 The CI set is fixed and seeded; `--chaos-long` adds plans and repeats them in rounds.
 """
