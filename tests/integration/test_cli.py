@@ -117,6 +117,15 @@ def read_line_within(process: subprocess.Popen, timeout: float) -> str:
     pytest.fail(f"no line within {timeout} s; exit {process.poll()}, partial {buffer!r}")
 
 
+def default_ctrl_c() -> None:
+    """Give the child the default SIGINT action, as a terminal would.
+
+    A shell runs background jobs with SIGINT ignored, and a child inherits that, so a
+    suite started in the background would otherwise test a CLI that cannot see Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(process: subprocess.Popen) -> tuple[int, str]:
     """Send SIGINT (Ctrl-C) to a streaming command; return its exit status and stderr."""
     process.send_signal(signal.SIGINT)
@@ -501,6 +510,7 @@ def test_cli_app_logs_follow_ends_on_ctrl_c(home, url, deployed):
     process = subprocess.Popen(
         [*CLI_COMMAND, "--url", url, "app", "logs", "--app-id", app_id, "--follow", "--tail", "1"],
         cwd=REPO_DIR, env=cli_environment(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_ctrl_c,
     )
     try:
         assert LOG_LINE_PATTERN.match(read_line_within(process, STREAM_LINE_SECONDS))
@@ -537,6 +547,7 @@ def test_cli_events_stream_ends_on_ctrl_c(home, url):
     process = subprocess.Popen(
         [*CLI_COMMAND, "--url", url, "events", "--types", "app_deployed"],
         cwd=REPO_DIR, env=cli_environment(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_ctrl_c,
     )
     try:
         # Let the stream connect before the event happens, because it does not replay by default.
