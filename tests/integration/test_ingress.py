@@ -15,6 +15,7 @@ logged request is one the test sent.
 import asyncio
 import hashlib
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -262,6 +263,24 @@ def test_large_response_streams_through_other_node(network):
     assert received == LARGE_RESPONSE_BYTES
     assert digest == counting_lines_sha256(LARGE_RESPONSE_BYTES)
     assert peak[0] - baseline < MAX_RSS_GROWTH_BYTES, f"node RSS grew by {(peak[0] - baseline) / 2**20:.1f} MiB"
+
+
+def test_client_leaving_mid_stream_is_not_an_error(network):
+    """A client that stops reading and closes during a long download leaves no 500."""
+    a = network.nodes[0]
+    wait_healthy(network.nodes, deploy(a, name="dropper", replicas=1), 1)
+    host, port = a.api_url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(f"GET /proxy/dropper{TEST_IMAGE_BYTES_PATH}?n=200000000 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        # Let the node fill the socket buffers and block on writing, then leave.
+        time.sleep(3)
+    time.sleep(1)
+    assert "unhandled error" not in a.log_tail(200)
+    status, _ = proxy_get(a, "/proxy/dropper/")
+    assert status == 200
 
 
 async def download(url: str) -> tuple[int, str]:

@@ -427,9 +427,10 @@ class Ingress:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
-        except ConnectionResetError:
-            # The client went away (aiohttp's ClientConnectionResetError is one too);
-            # the instance's connection is dropped below.
+        except ConnectionError:
+            # The client went away: aiohttp raises ConnectionResetError, or a plain
+            # ConnectionError("Connection lost") from drain(). The instance's
+            # connection is dropped here.
             upstream.close()
         except (aiohttp.ClientError, TimeoutError) as error:
             # The instance failed mid-body: cut the client's connection, so that it
