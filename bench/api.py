@@ -684,17 +684,15 @@ def raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Measure requests per second of a voxanode node's API against a bare aiohttp app, with wrk."
-    )
+def parse_wrk_args(argv: Sequence[str] | None, description: str, rounds_help: str) -> argparse.Namespace:
+    """Parse the load options that every wrk bench here takes, and check their bounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_SECONDS,
                         help="seconds of load per target and round (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
                         help="open connections wrk keeps (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="wrk threads (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="measured rounds; the report shows their medians (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=rounds_help + " (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP_SECONDS,
                         help="seconds of unmeasured load per target before the rounds (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -705,6 +703,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.connections < args.threads:
         parser.error("--connections must be at least --threads")
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return parse_wrk_args(
+        argv,
+        "Measure requests per second of a voxanode node's API against a bare aiohttp app, with wrk.",
+        "measured rounds; the report shows their medians",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

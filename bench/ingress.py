@@ -58,16 +58,12 @@ from api import (  # noqa: E402  (bench/api.py, the API benchmark)
     MachineState,
     Series,
     http_request,
+    parse_wrk_args,
     raise_system_exit,
     run_wrk,
 )
 from voxanode.devnet import Devnet, DevnetError, allocate_free_block  # noqa: E402
 
-DEFAULT_DURATION_SECONDS = 10
-DEFAULT_CONNECTIONS = 32
-DEFAULT_THREADS = 1
-DEFAULT_ROUNDS = 3
-DEFAULT_WARMUP_SECONDS = 2
 THROUGHPUT_RATIO_TARGET = 0.5
 APP_NAME = "bench-web"
 TEST_IMAGE = "voxanode-test/httpd:latest"
@@ -284,26 +280,11 @@ def run_bench(args: argparse.Namespace, base_dir: Path, processes: BenchProcesse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Measure app traffic through a voxanode node's /proxy/ against the container's port, with wrk."
+    return parse_wrk_args(
+        argv,
+        "Measure app traffic through a voxanode node's /proxy/ against the container's port, with wrk.",
+        "measured rounds per scenario; the report shows their medians",
     )
-    parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_SECONDS,
-                        help="seconds of load per target and round (default: %(default)s)")
-    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
-                        help="open connections wrk keeps (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="wrk threads (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="measured rounds per scenario; the report shows their medians (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP_SECONDS,
-                        help="seconds of unmeasured load per target before the rounds (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--keep-dir", action="store_true", help="keep the node data directory and logs")
-    args = parser.parse_args(argv)
-    if args.duration < 1 or args.warmup < 1 or args.rounds < 1 or args.threads < 1:
-        parser.error("--duration, --warmup, --rounds and --threads must be >= 1")
-    if args.connections < args.threads:
-        parser.error("--connections must be at least --threads")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
