@@ -18,22 +18,13 @@ import urllib.request
 import aiohttp
 import pytest
 
+from app_network import APP_LABEL, app_devnet
 from event_stream import EventStream
-from helpers import FAST_DAEMON_ARGS, TEST_IMAGE, api_get, api_post, wait_for
-from voxanode.devnet import Devnet, allocate_free_block
+from helpers import TEST_IMAGE, api_get, api_post, wait_for
 
-APP_ARGS = (
-    "--apps-reconcile-interval-seconds", "1",
-    "--apps-stats-interval-seconds", "2",
-    "--apps-sync-interval-seconds", "3",
-    "--apps-stop-timeout-seconds", "2",
-)
-SETTLE_SECONDS = 30
 # SWIM needs a probe round, the suspicion timeout and dissemination to call a killed
 # node dead; the responsible node then replaces its instances.
 NODE_DEATH_SECONDS = 45
-NODE_LABEL = "io.voxanode.node-id"
-APP_LABEL = "io.voxanode.app-id"
 
 
 def docker(*args: str) -> str:
@@ -53,31 +44,8 @@ def containers_of(app_id: str, running_only: bool = True) -> list[str]:
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory, test_image):
-    block = allocate_free_block(4, random.Random())
-    devnet = Devnet(
-        3,
-        tmp_path_factory.mktemp("apps-devnet"),
-        first_address=block.first_address,
-        api_port=block.api_port,
-        peer_port=block.peer_port,
-        extra_args=list(FAST_DAEMON_ARGS) + list(APP_ARGS),
-    )
-    devnet.start()
-    node_ids = [node.fetch_node_id() for node in devnet.nodes]
-    try:
-        assert wait_for(lambda: all(_offers_apps(node, node_ids) for node in devnet.nodes), SETTLE_SECONDS) is True
+    with app_devnet(tmp_path_factory.mktemp("apps-devnet")) as devnet:
         yield devnet
-    finally:
-        devnet.stop()
-        for node_id in node_ids:
-            leftovers = docker("ps", "-aq", "--filter", f"label={NODE_LABEL}={node_id}").split()
-            if leftovers:
-                docker("rm", "-f", *leftovers)
-
-
-def _offers_apps(node, node_ids) -> bool:
-    status, body, _ = api_get(node.api_url, "/data/discover_nodes/", capability="app-deployment")
-    return status == 200 and {n["node_id"] for n in body["nodes"]} >= set(node_ids)
 
 
 def deploy(node, **spec) -> dict:

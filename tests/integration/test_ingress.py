@@ -14,7 +14,6 @@ logged request is one the test sent.
 
 import asyncio
 import hashlib
-import random
 import socket
 import subprocess
 import threading
@@ -26,9 +25,9 @@ import aiohttp
 import psutil
 import pytest
 
+from app_network import APP_LABEL, app_devnet
 from event_stream import EventStream
 from helpers import (
-    FAST_DAEMON_ARGS,
     TEST_IMAGE,
     TEST_IMAGE_BYTES_PATH,
     TEST_IMAGE_HTTP_PORT,
@@ -39,18 +38,8 @@ from helpers import (
     counting_lines_sha256,
     wait_for,
 )
-from voxanode.devnet import Devnet, allocate_free_block
 
-APP_ARGS = (
-    "--apps-reconcile-interval-seconds", "1",
-    "--apps-stats-interval-seconds", "2",
-    "--apps-sync-interval-seconds", "3",
-    "--apps-stop-timeout-seconds", "2",
-)
-SETTLE_SECONDS = 30
 RUNNING_SECONDS = 90
-NODE_LABEL = "io.voxanode.node-id"
-APP_LABEL = "io.voxanode.app-id"
 HTTPD = {"ports": [{"container_port": 8080}], "resources": {"memory": "64m", "cpu": "0.2"}}
 INDEX_TEXT = "voxanode-test httpd index"
 # busybox httpd -v logs this for each request it replied to.
@@ -88,31 +77,8 @@ def access_log_count(container_id: str) -> int:
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory, test_image):
-    block = allocate_free_block(4, random.Random())
-    devnet = Devnet(
-        3,
-        tmp_path_factory.mktemp("ingress-devnet"),
-        first_address=block.first_address,
-        api_port=block.api_port,
-        peer_port=block.peer_port,
-        extra_args=list(FAST_DAEMON_ARGS) + list(APP_ARGS),
-    )
-    devnet.start()
-    node_ids = [node.fetch_node_id() for node in devnet.nodes]
-    try:
-        assert wait_for(lambda: all(_offers_apps(node, node_ids) for node in devnet.nodes), SETTLE_SECONDS) is True
+    with app_devnet(tmp_path_factory.mktemp("ingress-devnet")) as devnet:
         yield devnet
-    finally:
-        devnet.stop()
-        for node_id in node_ids:
-            leftovers = docker("ps", "-aq", "--filter", f"label={NODE_LABEL}={node_id}").split()
-            if leftovers:
-                docker("rm", "-f", *leftovers)
-
-
-def _offers_apps(node, node_ids) -> bool:
-    status, body, _ = api_get(node.api_url, "/data/discover_nodes/", capability="app-deployment")
-    return status == 200 and {n["node_id"] for n in body["nodes"]} >= set(node_ids)
 
 
 def deploy(node, **spec) -> str:
