@@ -20,8 +20,8 @@ proxy passes on and busybox httpd ignores. busybox httpd closes the connection a
 each reply, so both paths open one TCP connection to the container per request. wrk
 keeps its connections to the node open.
 
-The node and wrk are stopped by pid on every exit path that Python sees; the app's
-containers are removed with `docker rm -f` by the node's label.
+The node and wrk are stopped by pid on every exit path that runs Python code (any but
+SIGKILL). The app's containers are removed with `docker rm -f` by the node's label.
 
     python bench/ingress.py [--duration 10] [--connections 32] [--threads 1] [--rounds 3] [--json FILE]
 

@@ -236,6 +236,12 @@ def _add_data_dir_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _data_dir_flags(namespace: argparse.Namespace) -> dict[str, object]:
+    """Return the --data-dir and --config values the user gave, for load_settings."""
+    options = vars(namespace)
+    return {name: options[name] for name in ("data_dir", "config_file") if name in options}
+
+
 def token_main(argv: list[str]) -> int:
     """Run `voxanode token ARGS` and return its exit status."""
     parser = build_token_parser()
@@ -244,8 +250,7 @@ def token_main(argv: list[str]) -> int:
     except SystemExit as exit_request:
         return _exit_status(exit_request)
 
-    options = vars(namespace)
-    flags = {name: options[name] for name in ("data_dir", "config_file") if name in options}
+    flags = _data_dir_flags(namespace)
     try:
         settings = load_settings(flags, os.environ, Path.cwd())
         path = token_file_path(settings.data_dir)
@@ -443,12 +448,12 @@ def identity_main(command: str, argv: list[str]) -> int:
         namespace = parser.parse_args(argv)
     except SystemExit as exit_request:
         return _exit_status(exit_request)
-    options = vars(namespace)
-    flags = {name: options[name] for name in ("data_dir", "config_file") if name in options}
+    flags = _data_dir_flags(namespace)
     try:
         settings = load_settings(flags, os.environ, Path.cwd())
     except SettingsError as error:
         return _report_problems(prog, [str(error)])
+
     key_path = settings.data_dir / KEY_FILE_NAME
     try:
         if command == KEYGEN_COMMAND:
@@ -463,6 +468,7 @@ def identity_main(command: str, argv: list[str]) -> int:
         return _report_problems(prog, [f"{error}; {fix}"])
     except OSError as error:
         return _report_problems(prog, [f"cannot use {key_path}: {error.strerror or error}"])
+
     description = {
         "node_id": identity.node_id,
         "public_key": identity.public_key.hex(),

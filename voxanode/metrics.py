@@ -7,9 +7,9 @@ pay only for their own plain counters and take no lock. Each node gets a registr
 its own rather than prometheus_client's global one, because tests run several nodes
 in one process.
 
-A part of the node that is missing, such as the peer socket before it is bound or
-the app controller before it is created, or that is a test stand-in rather than the
-real class, is left out of the scrape with its metric families.
+Some parts may be missing, such as the peer socket before it is bound or the app
+controller before it is created, or may be test stand-ins for the real classes.
+The scrape leaves out such a part with its metric families.
 """
 
 import logging

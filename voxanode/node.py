@@ -217,7 +217,7 @@ class Node:
         then list it while a worker thread still imports the modules of the app
         controller and the API: the Docker SDK and the aiohttp server take a few
         hundred milliseconds. Binding the API socket first means a port in use
-        fails the start before the node has told anyone about itself.
+        fails the start before any other node has heard of it.
         """
         self.started_at = time.time()
         try:
@@ -308,22 +308,22 @@ class Node:
             before, after = getattr(old, name), getattr(new, name)
             if before == after:
                 continue
-            if name not in RELOADABLE_SETTINGS:
-                shown = "" if spec.secret else f" from {display_value(before)} to {display_value(after)}"
-                changes.append(
-                    f"{name} changed{shown} (from {new.source_of(name)}) but takes effect after a restart"
-                )
-                continue
-            applied[name] = after
-            changes.append(
-                f"{name} changed from {display_value(before)} to {display_value(after)}"
-                f" (from {new.source_of(name)})"
-            )
+
+            # A secret's values never reach the log.
+            values = "" if spec.secret else f" from {display_value(before)} to {display_value(after)}"
+            description = f"{name} changed{values} (from {new.source_of(name)})"
+            if name in RELOADABLE_SETTINGS:
+                applied[name] = after
+                changes.append(description)
+            else:
+                changes.append(description + " but takes effect after a restart")
+
         if new.bootstrap_peers != old.bootstrap_peers:
             applied["bootstrap_peers"] = new.bootstrap_peers
             changes.append(_describe_peer_change(old.bootstrap_peers, new.bootstrap_peers))
         if not applied:
             return changes
+
         self.settings = dataclasses.replace(old, **applied)
         self.bootstrap_peers = tuple(self.settings.bootstrap_peers)
         if "log_level" in applied:

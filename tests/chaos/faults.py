@@ -5,7 +5,7 @@ Every fault here touches only what the test created:
 - `Partition` drops traffic between two groups of devnet addresses with rules that
   name exactly those addresses, in a chain of its own, `VOXA-CHAOS-<pid>`, reached
   from OUTPUT (loopback traffic passes OUTPUT once per packet). `remove()` deletes
-  the chain; it runs from the test's finally blocks and from atexit, and
+  the chain, and runs from the test's finally blocks and from atexit.
   `remove_stale_chains()` deletes chains left by test processes that no longer run.
 - `faketime_env()` builds the environment that starts a node under libfaketime with a
   fixed clock offset (Debian package `faketime`).

@@ -17,8 +17,8 @@ Step actions (the `args` each takes):
 - `partition` (groups: two lists of indexes), `heal`.
 - `skew` (node, seconds), `unskew` (node): restart the node with its wall clock off.
 - `disk_full` (node), `disk_free` (node): move the node's data onto a tmpfs and fill it.
-- `await_rereplication`: wait until the nodes that are up hold every live key as often
-  as its replica count asks, and record the time since the last fault.
+- `await_rereplication`: wait until the nodes that are up store every live key as
+  many times as its replica count requires, and record the time since the last fault.
 - `call` (function): call `function()`, for a test's own wait or check mid-plan.
 - `sleep` (seconds).
 """

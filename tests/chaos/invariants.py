@@ -159,7 +159,7 @@ def check_expired_not_served(ledger: WriteLedger, readers: list) -> list[tuple[s
 
 
 def copies_held(nodes: Iterable, key: str) -> int:
-    """Count the nodes whose own SQLite file holds an unexpired copy of `key`."""
+    """Count the nodes whose own SQLite file contains an unexpired copy of `key`."""
     dht_key = dht_key_for(key)
     now_ms = int(time.time() * 1000)
     copies = 0

@@ -357,7 +357,7 @@ def test_broken_token_file_keeps_tokens(network, issued_tokens):
     try:
         token_path.write_text('{"schema_version": 1, "tokens": [', encoding="utf-8")
         # The node checks the file at most once a second, so it may take that long
-        # to notice the broken file; requests go on meanwhile and after.
+        # to notice the broken file. Requests go on meanwhile and after.
         assert wait_for(broken_file_read, TOKEN_FILE_CHECK_WAIT_SECONDS, interval=0.1) is True
         for _ in range(3):
             broken_file_read()

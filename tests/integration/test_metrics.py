@@ -117,7 +117,7 @@ def test_metrics_show_data_requests_rpcs_and_gossip(devnet_factory):
     assert total(written, "voxanode_dht_rpcs_sent_total") > 0
     assert value(written, "voxanode_dht_routing_table_peers") == NODES - 1
 
-    # Each of the three nodes holds a copy of every key.
+    # Each of the three nodes stores a copy of every key.
     for samples in (written, read):
         assert value(samples, "voxanode_dht_records") == len(KEYS)
 

@@ -61,7 +61,7 @@ def stop_daemon(process: subprocess.Popen) -> int | None:
         return process.wait()
 
 
-def test_ready_after_the_api_answers_and_stopping_on_sigterm(tmp_path):
+def test_notify_ready_then_stopping(tmp_path):
     block = allocate_free_block(1)
     host = block.first_address
     notify = NotifySocket(tmp_path / "notify.sock")
@@ -69,7 +69,7 @@ def test_ready_after_the_api_answers_and_stopping_on_sigterm(tmp_path):
     try:
         ready = notify.receive()
         assert ready.get("READY") == "1", ready
-        # The API serves the moment the node says it is ready, without any retry.
+        # The API serves as soon as the node reports ready, without any retry.
         status, body, _ = api_get(f"http://{host}:{block.api_port}", "/status/health", timeout=2)
         assert status == 200, body
         assert "node-" in ready["STATUS"], ready
@@ -98,7 +98,7 @@ def test_abstract_notify_socket_name(tmp_path):
 
 
 def test_sigterm_completes_a_request_in_flight(devnet_factory):
-    """A /test/connection waiting on a frozen peer still gets its answer after SIGTERM."""
+    """A /test/connection waiting on a frozen peer still gets its reply after SIGTERM."""
     network = devnet_factory(2, extra_args=["--rpc-timeout-seconds", "3"])
     first, frozen = network.nodes
     assert wait_for(lambda: len(api_get(first.api_url, "/data/discover_nodes/").body["nodes"]) == 2, JOIN_SECONDS)
@@ -133,7 +133,7 @@ def member_ids(node) -> set[str]:
     return {entry["node_id"] for entry in body["nodes"] if entry["status"] == "online"}
 
 
-def test_sighup_joins_a_peer_added_to_the_bootstrap_file(devnet_factory, tmp_path):
+def test_sighup_joins_new_bootstrap_peer(devnet_factory, tmp_path):
     peers_file = tmp_path / "bootstrap_peers.json"
     write_json(peers_file, [])
     lone = devnet_factory(1, extra_args=["--bootstrap-file", str(peers_file)]).nodes[0]
@@ -150,7 +150,7 @@ def test_sighup_joins_a_peer_added_to_the_bootstrap_file(devnet_factory, tmp_pat
     assert wait_for(lambda: "bootstrap peers now 1: added " + other.peer_address in lone.log_tail(200), 5)
 
 
-def test_sighup_with_a_broken_file_keeps_the_running_settings(devnet_factory, tmp_path):
+def test_sighup_broken_file_keeps_settings(devnet_factory, tmp_path):
     settings_file = tmp_path / "settings.json"
     write_json(settings_file, {"log_level": "INFO"})
     node = devnet_factory(1, extra_args=["--config", str(settings_file)]).nodes[0]
@@ -167,7 +167,8 @@ def test_sighup_with_a_broken_file_keeps_the_running_settings(devnet_factory, tm
     node.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "log_level changed from INFO to DEBUG" in node.log_tail(200), 10)
     tail = node.log_tail(200)
-    assert "max_value_bytes changed" in tail and "takes effect after a restart" in tail
+    assert "max_value_bytes changed" in tail
+    assert "takes effect after a restart" in tail
     # The new level applies at once: the next request is logged at DEBUG.
     api_get(node.api_url, "/status/health")
     assert wait_for(lambda: " DEBUG " in node.log_tail(50), 10)
@@ -231,4 +232,5 @@ def test_sighup_applies_new_rate_limits(devnet_factory, tmp_path):
     assert wait_for(lambda: data_limit() == "5", 10) is True
     tail = node.log_tail(100)
     assert "rate_limit_data changed from 1000/minute to 5/minute" in tail
-    assert "token file" in tail and "active tokens" in tail
+    assert "token file" in tail
+    assert "active tokens" in tail

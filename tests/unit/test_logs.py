@@ -132,14 +132,15 @@ def test_json_format_one_object_per_line(capsys):
     first = json.loads(lines[0])
     assert first["message"] == "stored key=k1"
     assert first["node_id"] == "node-0123456789ab"
-    assert first["level"] == "INFO" and first["logger"] == "voxanode.test"
+    assert first["level"] == "INFO"
+    assert first["logger"] == "voxanode.test"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     second = json.loads(lines[1])
     assert "ValueError: boom" in second["exception"]
     assert len(lines) == 2
 
 
-def test_plain_format_leaves_out_the_time_on_the_journal(capfd, monkeypatch):
+def test_plain_format_journal_without_time(capfd, monkeypatch):
     status = os.fstat(sys.stderr.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
     configure_logging("INFO", node_id="node-0123456789ab")

@@ -20,7 +20,8 @@ def test_notices_reach_a_path_socket(tmp_path):
         assert receive(sock) == ["READY=1", "STATUS=serving"]
         notifier.reloading()
         lines = receive(sock)
-        assert lines[0] == "RELOADING=1" and lines[1].startswith("MONOTONIC_USEC=")
+        assert lines[0] == "RELOADING=1"
+        assert lines[1].startswith("MONOTONIC_USEC=")
         notifier.stopping()
         assert receive(sock)[0] == "STOPPING=1"
 
@@ -39,7 +40,7 @@ def test_without_the_variable_nothing_is_sent():
     assert notifier.send("READY=1") is False
 
 
-def test_a_missing_socket_is_logged_once_and_never_raises(tmp_path, caplog):
+def test_notifier_missing_socket_logged_once(tmp_path, caplog):
     notifier = ServiceNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
     assert notifier.send("READY=1") is False
     assert notifier.send("STOPPING=1") is False
@@ -47,7 +48,7 @@ def test_a_missing_socket_is_logged_once_and_never_raises(tmp_path, caplog):
     assert len(warnings) == 1
 
 
-def test_a_relative_name_is_refused(caplog):
+def test_notifier_rejects_relative_name(caplog):
     notifier = ServiceNotifier({"NOTIFY_SOCKET": "relative/path"})
     assert not notifier.enabled
     assert any("neither a path" in record.getMessage() for record in caplog.records)

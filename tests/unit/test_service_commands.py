@@ -41,7 +41,7 @@ def test_identity_shows_the_key_as_json(tmp_path):
     assert json.loads(shown.stdout)["node_id"] == identity.node_id
 
 
-def test_identity_without_a_key_says_how_to_make_one(tmp_path):
+def test_identity_without_key_explains_keygen(tmp_path):
     shown = run_voxanode(tmp_path, "identity", "--data-dir", str(tmp_path / "empty"))
     assert shown.returncode == 2
     assert "no node key at" in shown.stderr

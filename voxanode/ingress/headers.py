@@ -1,6 +1,6 @@
 """Request and response headers across the proxy: hop-by-hop removal and X-Forwarded-*.
 
-RFC 9110 section 7.6.1 says a proxy must remove the fields named in `Connection` and
+RFC 9110 section 7.6.1 requires a proxy to remove the fields named in `Connection` and
 the connection-specific fields (Connection, Proxy-Connection, Keep-Alive, TE,
 Transfer-Encoding, Upgrade) before forwarding a message. `Trailer` is removed too,
 because the proxy does not forward trailer fields, so announcing them would mislead.
@@ -77,7 +77,7 @@ def add_forwarded(
     X-Forwarded-For keeps the entries the client sent, as nginx's
     `$proxy_add_x_forwarded_for` does, so the app decides which entries to trust. A
     trusted peer (a proxy in `trusted_proxies`) keeps the Proto and Host values it
-    sent; from any other peer they are replaced, so a client cannot pose as HTTPS.
+    sent. From any other peer they are replaced, so that a client cannot pose as HTTPS.
     """
     if client:
         previous = ", ".join(headers.getall(FORWARDED_FOR, ()))

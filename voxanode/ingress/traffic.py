@@ -101,8 +101,8 @@ class AppTraffic:
 class TrafficSnapshot:
     """One node's counters of every app it routed, as sent to the node serving a status request.
 
-    `started_at` (the node's start, epoch seconds) tells a restarted node's fresh
-    counters from the ones it had before.
+    `started_at` (the node's start, epoch seconds) distinguishes a restarted node's
+    fresh counters from the ones it had before.
     """
 
     node_id: str
