@@ -59,6 +59,7 @@ async def test_dashboard_redirects_without_slash(serve_api, secured_node):
     async with client.get("/ui", allow_redirects=False) as response:
         assert response.status == 301
         assert response.headers["Location"] == "/ui/"
+        assert response.headers["X-Request-ID"].startswith("req-")
 
 
 @pytest.mark.parametrize("name", sorted(UI_ASSETS))

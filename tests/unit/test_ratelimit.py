@@ -21,13 +21,13 @@ from aiohttp import web
 
 from test_api_fakes import FakeNode
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY
-from voxanode.api.middlewares import add_request_id_header, api_middleware
+from voxanode.api.middlewares import build_api_middleware
 from voxanode.api.ratelimit import (
     RATE_LIMITER_KEY,
     ApiRateLimiter,
     RateLimitCategory,
     client_address,
-    rate_limit_middleware,
+    count_request,
     setup_rate_limits,
 )
 from voxanode.api.routes import apps, connectivity, data, events, info, internal, nodes, status
@@ -67,13 +67,12 @@ class LimitedNode(FakeNode):
 def build_app(node: FakeNode, *, with_setup: bool = True) -> web.Application:
     """Build the API app for `node` with the rate limit middleware in its place."""
     app = web.Application(
-        middlewares=(api_middleware, rate_limit_middleware),
+        middlewares=(build_api_middleware((count_request,)),),
         client_max_size=node.settings.max_body_bytes,
     )
     app[NODE_KEY] = node
     app[STATS_KEY] = RequestStats()
     app[PROCESS_KEY] = psutil.Process()
-    app.on_response_prepare.append(add_request_id_header)
     for route_group in (data, nodes, status, info, connectivity, events, apps, internal):
         route_group.add_routes(app)
     app.router.add_get(CLIENT_ADDRESS_PATH, echo_client_address)
@@ -304,6 +303,7 @@ async def test_websocket_response_carries_headers(server):
     async with client.get("/ws/network/events", headers=upgrade) as response:
         assert response.status == 101
         assert rate_headers(response)[:2] == (5, 2)
+        assert response.headers["X-Request-ID"].startswith("req-")
 
 
 async def test_other_client_address_has_own_budget(server):

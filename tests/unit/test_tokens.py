@@ -16,9 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from voxanode import tokens
-from voxanode.api.auth import auth_middleware, required_scope, setup_auth
+from voxanode.api.auth import check_token, required_scope, setup_auth
 from voxanode.api.keys import NODE_KEY, STATS_KEY
-from voxanode.api.middlewares import api_middleware
+from voxanode.api.middlewares import build_api_middleware
 from voxanode.api.stats import RequestStats
 from voxanode.settings import Settings
 from voxanode.daemon import main
@@ -518,7 +518,7 @@ async def serve_auth(tmp_path):
 
     async def serve(dev: bool = False, with_setup: bool = True) -> TestClient:
         settings = Settings(data_dir=tmp_path, dev=dev)
-        app = web.Application(middlewares=(api_middleware, auth_middleware))
+        app = web.Application(middlewares=(build_api_middleware((check_token,)),))
         app[NODE_KEY] = SettingsOnlyNode(settings)
         app[STATS_KEY] = RequestStats()
         if with_setup:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from voxanode.api.auth import AUTHENTICATOR_KEY, setup_auth
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
-from voxanode.api.middlewares import MIDDLEWARES, add_request_id_header
+from voxanode.api.middlewares import MIDDLEWARES
 from voxanode.api.ratelimit import RATE_LIMITER_KEY, setup_rate_limits
 from voxanode.api.routes import (
     apps,
@@ -50,7 +50,6 @@ def create_app(node: ApiNode) -> web.Application:
     process.cpu_percent(None)
     app[PROCESS_KEY] = process
 
-    app.on_response_prepare.append(add_request_id_header)
     setup_rate_limits(app, node.settings)
     for route_group in (data, nodes, status, info, connectivity, events, apps, docs, metrics, proxy, ui):
         route_group.add_routes(app)

@@ -1,4 +1,4 @@
-"""Bearer token authentication of the API: `setup_auth` and `auth_middleware`.
+"""Bearer token authentication of the API: `setup_auth` and `check_token`.
 
 Unless the node runs with `--dev`, every request needs `Authorization: Bearer TOKEN`
 with a token from the node's token file (see `voxanode.tokens`), except:
@@ -21,9 +21,9 @@ A token created with `voxanode token create` works at once, because an unknown t
 makes the node check the token file. A revoked token is rejected within one second
 (`TOKEN_FILE_CHECK_INTERVAL_SECONDS`), the time between two checks of the file.
 A missing or wrong token gets 401 AUTHENTICATION_REQUIRED with a `WWW-Authenticate`
-challenge, and a token whose scope is too low gets 403 AUTHORIZATION_FAILED. The
-middleware raises ApiError, so it must run inside `api_middleware`, which renders
-the error envelope.
+challenge, and a token whose scope is too low gets 403 AUTHORIZATION_FAILED.
+`check_token` raises ApiError, so it runs as a check of the API middleware, which
+renders the error envelope.
 
 Tokens and the Authorization header are never logged; log lines name the token id.
 """
@@ -35,7 +35,7 @@ from aiohttp import web
 
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import NODE_KEY, request_id_of
-from voxanode.api.routes import Handler, slash_variants
+from voxanode.api.routes import slash_variants
 from voxanode.api.routes.proxy import PROXY_PREFIX
 from voxanode.api.routes.ui import UI_ASSET_PATH, UI_PATH, UI_REDIRECT_PATH
 from voxanode.settings import Settings
@@ -118,7 +118,7 @@ def setup_auth(app: web.Application, settings: Settings) -> None:
     """Give `app` the Authenticator for the token file in `settings.data_dir`.
 
     Call it before the app starts. The Authenticator is made in dev mode too, where
-    the middleware does not use it, so the caller needs no branch.
+    `check_token` does not use it, so the caller needs no branch.
     """
     store = TokenStore(token_file_path(settings.data_dir))
     store.refresh()
@@ -144,11 +144,14 @@ def required_scope(method: str) -> Scope:
     return Scope.READ if method in READ_METHODS else Scope.WRITE
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Check the bearer token and its scope, unless dev mode is on or the route is open."""
+def check_token(request: web.Request) -> None:
+    """Check the bearer token and its scope, unless dev mode is on or the route is open.
+
+    It runs as a check of the API middleware (`build_api_middleware` in
+    `voxanode.api.middlewares`), which renders the 401 and 403 ApiErrors as envelopes.
+    """
     if request.app[NODE_KEY].settings.dev or is_open_route(request):
-        return await handler(request)
+        return
 
     authenticator = request.app.get(AUTHENTICATOR_KEY)
     if authenticator is None:
@@ -168,13 +171,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             request_id_of(request),
         )
         raise _forbidden(request, record, needed)
-    logger.debug(
-        "authenticated token_id=%s scope=%s request_id=%s",
-        record.id,
-        record.scope,
-        request_id_of(request),
-    )
-    return await handler(request)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "authenticated token_id=%s scope=%s request_id=%s",
+            record.id,
+            record.scope,
+            request_id_of(request),
+        )
 
 
 def _bearer_token(request: web.Request) -> str:

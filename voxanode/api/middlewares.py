@@ -1,15 +1,17 @@
 """The API middleware: request ids, the error envelope, and request statistics.
 
-`MIDDLEWARES` lists the app's middlewares outermost first. `api_middleware` gives the
-request its id, turns every failure inside it into an error envelope, so aiohttp's
-own 404, 405 and 413 replies carry the envelope too, and then times the request and
-records the final status. The three steps share one middleware because each aiohttp
-middleware adds a call layer to every request. The rate limiter
-(`voxanode.api.ratelimit`) and then the bearer token check (`voxanode.api.auth`) run
-inside it, so their 429, 401 and 403 replies are envelopes as well; limits count
-requests with and without a valid token. The `X-Request-ID` header is added in
-`on_response_prepare`, which runs for every response the app sends, streamed and
-websocket responses included.
+`MIDDLEWARES` is the API app's one middleware, built by `build_api_middleware`. It
+gives the request its id, runs the request checks, turns every failure inside it
+into an error envelope, so aiohttp's own 404, 405 and 413 replies carry the envelope
+too, and then times the request and records the final status. The checks are plain
+functions called in order, not middlewares of their own, because each aiohttp
+middleware adds a call layer to every request: the API app runs the rate limiter
+(`voxanode.api.ratelimit.count_request`) and then the bearer token check
+(`voxanode.api.auth.check_token`), so their 429, 401 and 403 replies are envelopes as
+well; limits count requests with and without a valid token. The middleware sets the `X-Request-ID` and
+`X-RateLimit-*` headers on every response a handler returns; handlers that stream
+prepare their responses with `prepare_stream`, which sets them (see
+`voxanode.api.response_headers`).
 
 Errors that aiohttp's HTTP parser raises before routing, such as a malformed request
 line, never reach the app and keep aiohttp's plain-text reply.
@@ -21,19 +23,20 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
-from voxanode.api.auth import auth_middleware
-from voxanode.api.ratelimit import rate_limit_middleware
+from voxanode.api.auth import check_token
+from voxanode.api.ratelimit import count_request
 from voxanode.api.errors import ApiError, ErrorCode, error_body
 from voxanode.api.json_body import body_too_large_error
 from voxanode.api.json_reply import json_reply
 from voxanode.api.keys import NODE_KEY, REQUEST_ID_KEY, STATS_KEY, request_id_of
+from voxanode.api.response_headers import REQUEST_ID_HEADER, add_api_headers
+from voxanode.api.routes.proxy import APP_TRAFFIC_ROUTES
 from voxanode.api.stats import route_of
 
-REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_PREFIX = "req-"
 # A generated id is the prefix, 12 random hex digits drawn once per process, and a
 # counter of 8 hex digits.
@@ -47,6 +50,10 @@ _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"}
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+# A request check returns nothing when the request may go on and raises an ApiError
+# (or aiohttp's HTTP error) when it may not.
+RequestCheck = Callable[[web.Request], None]
 
 
 class RequestIdGenerator:
@@ -81,51 +88,68 @@ def new_request_id() -> str:
     return _request_ids.next_id()
 
 
-@web.middleware
-async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give the request an id, render failures as envelopes, and count the response.
+def build_api_middleware(checks: Sequence[RequestCheck] = ()) -> Middleware:
+    """Return the API middleware that runs `checks` in order before the handler."""
+    checks = tuple(checks)
 
-    The id is the client's `X-Request-ID` if well formed, else a new one.
-    ApiError, aiohttp's HTTP errors and unexpected exceptions become error envelopes.
-    Unexpected exceptions become 500 INTERNAL_ERROR: the traceback goes to the log
-    with the request id, and the reply carries only the id. Cancellation and
-    aiohttp's non-error HTTP exceptions (redirects) propagate unchanged and are not
-    counted.
-    """
-    client_id = request.headers.get(REQUEST_ID_HEADER)
-    if client_id and CLIENT_REQUEST_ID_PATTERN.fullmatch(client_id):
-        request[REQUEST_ID_KEY] = client_id
-    else:
-        request[REQUEST_ID_KEY] = _request_ids.next_id()
+    @web.middleware
+    async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Give the request an id, run the checks and the handler, render failures as envelopes.
 
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except ApiError as error:
-        response = error_response(request, error)
-    except web.HTTPException as http_error:
-        if http_error.status < 400:
+        The id is the client's `X-Request-ID` if well formed, else a new one.
+        ApiError, aiohttp's HTTP errors and unexpected exceptions become error envelopes.
+        Unexpected exceptions become 500 INTERNAL_ERROR: the traceback goes to the log
+        with the request id, and the reply carries only the id. Cancellation and
+        aiohttp's non-error HTTP exceptions (redirects) propagate unchanged and are not
+        counted. Every other response is counted and gets the API headers.
+        """
+        client_id = request.headers.get(REQUEST_ID_HEADER)
+        if client_id and CLIENT_REQUEST_ID_PATTERN.fullmatch(client_id):
+            request[REQUEST_ID_KEY] = client_id
+        else:
+            request[REQUEST_ID_KEY] = _request_ids.next_id()
+
+        started = time.perf_counter()
+        try:
+            for check in checks:
+                check(request)
+            response = await handler(request)
+        except ApiError as error:
+            response = error_response(request, error)
+        except web.HTTPException as http_error:
+            if http_error.status < 400:
+                add_api_headers(request, http_error)
+                raise
+            response = error_response(request, _api_error_from_http(request, http_error))
+        except asyncio.CancelledError:
+            logger.debug(
+                "request cancelled request_id=%s method=%s path=%s",
+                request_id_of(request),
+                request.method,
+                request.path,
+            )
             raise
-        response = error_response(request, _api_error_from_http(request, http_error))
-    except asyncio.CancelledError:
-        logger.debug(
-            "request cancelled request_id=%s method=%s path=%s",
-            request_id_of(request),
-            request.method,
-            request.path,
-        )
-        raise
-    except Exception:
-        response = _internal_error_response(request)
+        except Exception:
+            response = _internal_error_response(request)
 
-    _record_response(request, response.status, started)
-    return response
+        if not response.prepared:
+            add_api_headers(request, response)
+        _record_response(request, response.status, started)
+        return response
+
+    return api_middleware
 
 
 def _record_response(request: web.Request, status: int, started: float) -> None:
-    """Count one response in the app's RequestStats and log it at DEBUG."""
+    """Count one API response in the app's RequestStats and log it at DEBUG.
+
+    Responses of the app traffic routes are not counted: the ingress counts them per
+    app (`voxanode_ingress_*`), and an app's own errors and latency are not the API's.
+    """
     response_ms = (time.perf_counter() - started) * 1000
-    request.app[STATS_KEY].record(status, response_ms, route_of(request), request.method)
+    route = route_of(request)
+    if route not in APP_TRAFFIC_ROUTES:
+        request.app[STATS_KEY].record(status, response_ms, route, request.method)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "request request_id=%s method=%s path=%s status=%d ms=%.1f",
@@ -151,13 +175,6 @@ def _internal_error_response(request: web.Request) -> web.Response:
         f"internal error. The node log has the details under request id {request_id}",
     )
     return error_response(request, internal)
-
-
-async def add_request_id_header(
-    request: web.Request, response: web.StreamResponse
-) -> None:
-    """Set `X-Request-ID` on a response just before its headers are sent."""
-    response.headers[REQUEST_ID_HEADER] = request_id_of(request)
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
@@ -229,8 +246,4 @@ def _code_for_status(status: int) -> ErrorCode:
     return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST
 
 
-MIDDLEWARES = (
-    api_middleware,
-    rate_limit_middleware,
-    auth_middleware,
-)
+MIDDLEWARES = (build_api_middleware((count_request, check_token)),)

@@ -31,10 +31,9 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 import limits
 from aiohttp import web
@@ -42,15 +41,18 @@ from limits.storage import MemoryStorage
 
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import request_id_of
+from voxanode.api.response_headers import (
+    LIMIT_HEADER,
+    RATE_LIMIT_STATE_KEY,
+    REMAINING_HEADER,
+    RESET_HEADER,
+)
 from voxanode.api.routes import slash_variants
 from voxanode.api.routes.apps import ADD_APP_PATH
 from voxanode.api.routes.metrics import METRICS_PATH
 from voxanode.api.routes.proxy import HOST_ROUTE_TEMPLATE, PROXY_PREFIX
 from voxanode.settings import IpNetwork, Settings, format_rate_limit
 
-LIMIT_HEADER = "X-RateLimit-Limit"
-REMAINING_HEADER = "X-RateLimit-Remaining"
-RESET_HEADER = "X-RateLimit-Reset"
 RETRY_AFTER_HEADER = "Retry-After"
 FORWARDED_FOR_HEADER = "X-Forwarded-For"
 # The key of requests whose peer address is not known, such as on a Unix socket.
@@ -69,7 +71,6 @@ DATA_PREFIX = "/data/"
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -259,23 +260,15 @@ class ApiRateLimiter:
 
 RATE_LIMITER_KEY = web.AppKey("rate_limiter", ApiRateLimiter)
 
-# TODO(aiohttp>=3.14 required): use web.RequestKey unconditionally, as for the request id.
-RATE_LIMIT_STATE_KEY: Any = (
-    web.RequestKey("rate_limit_state", RateLimitState)
-    if hasattr(web, "RequestKey")
-    else "rate_limit_state"
-)
-
 
 def setup_rate_limits(app: web.Application, settings: Settings) -> None:
-    """Store the limiter built from `settings` on `app` and add the header hook.
+    """Store the limiter built from `settings` on `app`.
 
-    Call it before the app starts, on every app whose middlewares include
-    `rate_limit_middleware`.
+    Call it before the app starts, on every app whose API middleware runs
+    `count_request`.
     """
     limiter = ApiRateLimiter.from_settings(settings)
     app[RATE_LIMITER_KEY] = limiter
-    app.on_response_prepare.append(add_rate_limit_headers)
 
     limits_text = " ".join(
         f"{category}={format_rate_limit(limit)}"
@@ -288,27 +281,24 @@ def setup_rate_limits(app: web.Application, settings: Settings) -> None:
     )
 
 
-@web.middleware
-async def rate_limit_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
+def count_request(request: web.Request) -> None:
     """Count the request in its category's budget, and raise 429 when the budget is spent.
 
-    Needs `setup_rate_limits` on the app. It must run inside `api_middleware`, which
-    renders the 429 ApiError as the error envelope.
+    Needs `setup_rate_limits` on the app. It runs as a check of the API middleware
+    (`build_api_middleware` in `voxanode.api.middlewares`), which renders the 429
+    ApiError as the error envelope and adds the `X-RateLimit-*` headers.
     """
     limiter = request.app.get(RATE_LIMITER_KEY)
     if limiter is None:
         raise RuntimeError(
-            "rate_limit_middleware found no limiter: call setup_rate_limits(app, settings)"
+            "count_request found no limiter: call setup_rate_limits(app, settings)"
             " before the app starts"
         )
 
     category = request_category(request)
     if category is None or limiter.limit_for(category) is None:
-        # Stored so that the header hook finds the key without a KeyError.
         request[RATE_LIMIT_STATE_KEY] = None
-        return await handler(request)
+        return
 
     client = client_address(request, limiter.trusted_proxies, limiter)
     state = limiter.hit(category, client)
@@ -322,23 +312,6 @@ async def rate_limit_middleware(
             state.retry_after_seconds,
         )
         raise rate_limit_error(state)
-    return await handler(request)
-
-
-async def add_rate_limit_headers(
-    request: web.Request, response: web.StreamResponse
-) -> None:
-    """Set the X-RateLimit-* headers just before a limited request's response is sent.
-
-    Running at prepare time covers every response: handlers' own, streamed and
-    websocket responses, and the error envelopes of aiohttp's 404 and 405.
-    """
-    state = request.get(RATE_LIMIT_STATE_KEY)
-    if state is not None:
-        headers = response.headers
-        headers[LIMIT_HEADER] = str(state.limit.amount)
-        headers[REMAINING_HEADER] = str(state.remaining)
-        headers[RESET_HEADER] = str(state.reset_epoch_seconds)
 
 
 def rate_limit_error(state: RateLimitState) -> ApiError:

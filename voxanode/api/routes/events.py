@@ -41,6 +41,7 @@ from aiohttp import WSCloseCode, web
 
 from voxanode.api.errors import ApiError, ErrorCode, invalid_field
 from voxanode.api.keys import NODE_KEY, request_id_of
+from voxanode.api.response_headers import prepare_stream
 from voxanode.api.routes import add_get
 from voxanode.events import (
     EventBusClosed,
@@ -109,7 +110,7 @@ async def network_events(request: web.Request) -> web.StreamResponse:
         raise _upgrade_required_error()
 
     try:
-        await websocket.prepare(request)
+        await prepare_stream(request, websocket)
         streams.open[websocket] = request
         logger.debug(
             "event stream opened request_id=%s remote=%s subscription=%s since=%s",
