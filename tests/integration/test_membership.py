@@ -168,6 +168,37 @@ def test_healthy_network_has_no_false_suspicions(network):
         assert set(member_view(node).values()) == {"online"}
 
 
+# Gossip rounds every 20 s, probes every 30 s and no push-pull within the test: a
+# member learns of a new node within seconds only through the early gossip round
+# that news about membership starts (at most a quarter interval, 5 s, after the last).
+SLOW_GOSSIP_ARGS = (
+    "--gossip-interval-seconds", "20",
+    "--probe-interval-seconds", "30",
+    "--push-pull-interval-seconds", "600",
+)
+SLOW_GOSSIP_NODES = 4
+NEWS_SPREAD_SECONDS = 8
+
+
+def test_join_spreads_before_the_next_regular_gossip_round(devnet_factory):
+    network = devnet_factory(SLOW_GOSSIP_NODES, extra_args=SLOW_GOSSIP_ARGS)
+    ids = set(node_ids(network).values())
+    assert wait_for(lambda: all(set(member_view(n)) == ids for n in network.nodes), CONVERGE_SECONDS * 2) is True
+
+    newcomer = network.add_node()
+    newcomer_id = newcomer.fetch_node_id()
+    started = time.monotonic()
+
+    def everyone_lists_newcomer():
+        views = [member_view(node) for node in network.nodes[:SLOW_GOSSIP_NODES]]
+        return all(view.get(newcomer_id) == "online" for view in views) or views
+
+    assert wait_for(everyone_lists_newcomer, NEWS_SPREAD_SECONDS) is True, (
+        f"not every member listed the new node {NEWS_SPREAD_SECONDS} s after it was ready"
+    )
+    assert time.monotonic() - started < NEWS_SPREAD_SECONDS
+
+
 def load_seen_by_others(network, subject_id, field: str) -> list[float]:
     """Return the `field` of the subject's load as every other node lists it."""
     values = []
