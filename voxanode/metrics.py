@@ -114,7 +114,8 @@ class NodeCollector(Collector):
         requests = CounterMetricFamily(
             "voxanode_http_requests",
             "API responses sent, by route template ('unmatched' for unknown paths and"
-            " methods a path does not serve), HTTP method and status.",
+            " methods a path does not serve), HTTP method and status. App traffic through"
+            " /proxy/ is not counted here but in voxanode_ingress_requests.",
             labels=["route", "method", "status"],
         )
         merged: Counter[tuple[str, str, str]] = Counter()
@@ -131,7 +132,8 @@ def http_latency_family(stats: RequestStats, route_labels: Mapping[str, str]) ->
     """Build the latency histogram of the API's responses by route from `stats`."""
     histogram = HistogramMetricFamily(
         "voxanode_http_request_duration_seconds",
-        "Time from the start of the API middleware to the handler's response, by route.",
+        "Time from the start of the API middleware to the handler's response, by route."
+        " App traffic through /proxy/ is not counted.",
         labels=["route"],
     )
     bucket_counts: dict[str, list[int]] = {}
@@ -325,7 +327,7 @@ def ingress_families(ingress: Any) -> Iterator[Metric]:
     failures = CounterMetricFamily(
         "voxanode_ingress_upstream_failures",
         "Forwarding attempts whose connection to an instance failed, timed out or was"
-        " reset before a response, by app id.",
+        " reset before a response, or whose response did not parse, by app id.",
         labels=["app"],
     )
     durations = HistogramMetricFamily(

@@ -1,11 +1,13 @@
 """App ingress on a real 3-node network with real Docker containers of the test image.
 
 The network is shared by the tests of this module, which run in file order: an app
-replies through `/proxy/` of every node, requests spread over its instances (counted
-in each container's own access log), a container killed with `docker kill` during a
-bounded loop of requests costs none of them, an app without healthy instances gets
-503, and get_app_status counts the requests sent through every node. Every container
-the nodes made is removed at the end, found by its node id label.
+replies through `/proxy/` of every node and through the host-routed ingress port, HEAD
+and the app's own 5xx replies pass through without ejecting instances, requests
+spread over its instances (counted in each container's own access log), a container
+killed with `docker kill` during a bounded loop of requests costs none of them, an
+app without healthy instances gets 503, and get_app_status counts the requests sent
+through every node. Every container the nodes made is removed at the end, found by
+its node id label.
 
 The test image's busybox httpd logs one `response:STATUS` line per request to stderr,
 without the URL, so the spread test uses an app without a health check: then every
@@ -25,7 +27,7 @@ import aiohttp
 import psutil
 import pytest
 
-from app_network import APP_LABEL, app_devnet
+from app_network import APP_LABEL, app_devnet, ingress_url
 from event_stream import EventStream
 from helpers import (
     TEST_IMAGE,
@@ -58,6 +60,9 @@ MAX_RSS_GROWTH_BYTES = 20 * 1024 * 1024
 RSS_SAMPLE_SECONDS = 0.02
 LARGE_RESPONSE_TIMEOUT_SECONDS = 120
 WEBSOCKET_CLOSE_CODE = 4321
+# More requests in a row than the default ingress_circuit_failures (5) per instance of
+# a 3-replica app, so that counting them as failures would open every circuit.
+REQUESTS_PAST_CIRCUIT_THRESHOLD = 18
 
 
 def docker(*args: str) -> str:
@@ -77,7 +82,7 @@ def access_log_count(container_id: str) -> int:
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory, test_image):
-    with app_devnet(tmp_path_factory.mktemp("ingress-devnet")) as devnet:
+    with app_devnet(tmp_path_factory.mktemp("ingress-devnet"), ingress=True) as devnet:
         yield devnet
 
 
@@ -137,6 +142,85 @@ def test_app_answers_through_every_node(network, front):
     status, text = proxy_get(network.nodes[0], "/proxy/front/missing.html")
     assert status == 404, "the app's own 404 passes through"
     assert INDEX_TEXT not in text
+
+
+def raw_request(base_url: str, request: str) -> tuple[str, bytes]:
+    """Send one request with `Connection: close` on a plain socket; return its head and body bytes."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=REQUEST_TIMEOUT_SECONDS) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return head.decode("latin-1"), body
+
+
+def metric_value(node, series: str, absent: float | None = None) -> float:
+    """Return the value of one series of the node's /metrics, or `absent` when given and missing."""
+    with urllib.request.urlopen(node.api_url + "/metrics", timeout=REQUEST_TIMEOUT_SECONDS) as reply:
+        text = reply.read().decode()
+    lines = [line for line in text.splitlines() if line.startswith(series + " ")]
+    if not lines and absent is not None:
+        return absent
+    (line,) = lines
+    return float(line.removeprefix(series + " "))
+
+
+def test_head_returns_status_and_headers_only(network, front):
+    """busybox httpd sends a body after its HEAD reply; the client gets the head alone."""
+    c = network.nodes[2]
+    status, index = proxy_get(c, "/proxy/front/index.html")
+    assert status == 200
+    request = "HEAD /proxy/front/index.html HTTP/1.1\r\nHost: front.test\r\nConnection: close\r\n\r\n"
+
+    for _ in range(REQUESTS_PAST_CIRCUIT_THRESHOLD):
+        head, body = raw_request(c.api_url, request)
+        assert head.startswith("HTTP/1.1 200 OK\r\n"), head
+        assert f"\r\nContent-Length: {len(index.encode())}" in head, head
+        assert "\r\nEtag: " in head or "\r\nETag: " in head, head
+        assert body == b""
+
+    missing, body = raw_request(c.api_url, request.replace("index.html", "missing.html"))
+    assert missing.startswith("HTTP/1.1 404 Not Found\r\n"), missing
+    assert body == b""
+    assert metric_value(c, f'voxanode_ingress_circuits{{app="{front}",state="open"}}') == 0
+    assert metric_value(c, f'voxanode_ingress_upstream_failures_total{{app="{front}"}}') == 0
+
+
+def test_app_5xx_keeps_instances_in_rotation(network, front):
+    """busybox httpd replies 501 to DELETE: the app's error passes and no instance is ejected."""
+    c = network.nodes[2]
+    five_xx_series = f'voxanode_ingress_requests_total{{app="{front}",status_class="5xx"}}'
+    five_xx_before = metric_value(c, five_xx_series, absent=0.0)
+    for _ in range(REQUESTS_PAST_CIRCUIT_THRESHOLD):
+        status, body, _ = api_request("DELETE", c.api_url, "/proxy/front/index.html")
+        assert status == 501
+        assert "Not Implemented" in body, "the app's own reply, not the proxy's"
+
+    for _ in range(3):
+        status, text = proxy_get(c, "/proxy/front/")
+        assert status == 200, text
+    assert metric_value(c, f'voxanode_ingress_circuits{{app="{front}",state="open"}}') == 0
+    five_xx = metric_value(c, five_xx_series) - five_xx_before
+    assert five_xx == REQUESTS_PAST_CIRCUIT_THRESHOLD, "the app's 5xx still count as errors"
+
+
+def test_ingress_port_routes_by_host_name(network, front):
+    a = network.nodes[0]
+    base_url = ingress_url(a)
+
+    status, body, _ = api_get(base_url, "/index.html", headers={"Host": "front.apps.example"})
+    assert status == 200
+    assert INDEX_TEXT in body
+
+    # urllib sends the URL's address as Host.
+    status, body, _ = api_get(base_url, "/index.html")
+    assert status == 404
+    assert body["error"]["code"] == "RESOURCE_NOT_FOUND"
+    address = base_url.removeprefix("http://")
+    assert body["error"]["message"].startswith(f"Host {address} is an IP address, but this ingress port")
+    assert "send Host: APP or Host: APP.DOMAIN" in body["error"]["message"]
 
 
 def test_requests_spread_over_instances(network, front):
@@ -314,9 +398,18 @@ def test_unhealthy_app_gets_503(network):
 
     status, body, _ = api_post(a.api_url, "/apps/add_stop_app/", {"app_id": app_id, "force": True}, timeout=60)
     assert status == 200, body
-    status, body, _ = api_get(b.api_url, "/proxy/sick/")
+
+    def stopped_reply():
+        reply = api_get(b.api_url, "/proxy/sick/")
+        return reply.body["error"]["details"].get("app_state") == "stopped" or reply
+
+    assert wait_for(stopped_reply, 10) is True
+    status, body, headers = api_get(b.api_url, "/proxy/sick/")
     assert status == 503
     assert body["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert body["error"]["message"].startswith("app sick is stopped")
+    assert "try again" not in body["error"]["message"]
+    assert "Retry-After" not in headers
 
     status, body, _ = api_get(b.api_url, "/proxy/never-deployed/")
     assert status == 404
@@ -349,4 +442,11 @@ def test_status_metrics_count_requests_of_every_node(network):
         text = reply.read().decode()
     line = f'voxanode_ingress_requests_total{{app="{app_id}",status_class="2xx"}} {float(sent[a])}'
     assert line in text
+    api_routes = {
+        line.split('route="', 1)[1].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith("voxanode_http_request")
+    }
+    assert api_routes, "the API's own requests are counted"
+    assert not any(route.startswith("/proxy/") for route in api_routes), api_routes
     assert f'voxanode_ingress_request_duration_seconds_count{{app="{app_id}"}} {float(sent[a])}' in text

@@ -8,6 +8,8 @@ GET /status/health returns 200 with a JSON body as the daemon's does.
 import json
 import os
 import random
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from voxanode import daemon as daemon_module
 from voxanode import devnet as devnet_module
 from voxanode.devnet import (
     AddressError,
@@ -230,6 +233,39 @@ def test_parser_start_options():
     args = build_parser().parse_args(["start", "-n", "2", "--dir", "/tmp/x", "--first-address", "127.9.0.1", "--api-port", "20001", "--peer-port", "20002"])
 
     assert (args.nodes, args.dir, args.first_address, args.api_port, args.peer_port) == (2, "/tmp/x", "127.9.0.1", 20001, 20002)
+
+
+def readme_devnet_section() -> str:
+    """Return the README's first-use section, which documents scripts/devnet."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## First use")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+@pytest.mark.parametrize("command", [[], ["start"], ["stop"], ["status"]])
+def test_readme_names_every_devnet_option(command, capsys):
+    with pytest.raises(SystemExit):
+        devnet_module.main([*command, "--help"])
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", capsys.readouterr().out)) - {"--help"}
+    section = readme_devnet_section()
+
+    assert options, "the help lists options"
+    assert sorted(option for option in options if f"`{option}" not in section) == []
+    assert "arguments after `--` go to each\nnode's `voxanode` command" in section
+
+
+def test_readme_devnet_example_parses():
+    section = readme_devnet_section()
+    (line,) = [line for line in section.splitlines() if line.startswith("scripts/devnet start") and " -- " in line]
+    own, daemon = split_daemon_args(shlex.split(line)[1:])
+    args = build_parser().parse_args(own)
+    daemon_args = daemon_module.build_parser().parse_args(daemon)
+
+    addresses = [node_address(args.first_address, index) for index in range(args.nodes)]
+    assert addresses == ["127.0.1.10", "127.0.1.11", "127.0.1.12"]
+    assert "nodes on 127.0.1.10 to 127.0.1.12, API port 9999, host-routed ingress on port 8080" in section
+    assert args.api_port == 9999
+    assert (daemon_args.log_level, daemon_args.ingress_port) == ("DEBUG", "8080")
 
 
 def test_main_rejects_daemon_args_for_stop(capsys):

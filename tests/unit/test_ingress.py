@@ -22,12 +22,14 @@ from yarl import URL
 
 from voxanode.api.app import start_api
 from voxanode.api.errors import ApiError
+from voxanode.api.keys import STATS_KEY
 from voxanode.apps.catalogue import (
     HEALTH_HEALTHY,
     HEALTH_UNHEALTHY,
     INSTANCE_RUNNING,
     PHASE_RUNNING,
     STATE_ACTIVE,
+    STATE_FAILED,
     STATE_STOPPED,
     AppRecord,
     Catalogue,
@@ -55,7 +57,7 @@ from voxanode.ingress.traffic import (
     status_metrics,
 )
 from voxanode.membership.state import MemberStatus
-from voxanode.metrics import ingress_families
+from voxanode.metrics import build_registry, ingress_families
 from voxanode.settings import INGRESS_STRATEGIES as SETTING_STRATEGIES
 from voxanode.settings import Settings
 
@@ -70,6 +72,7 @@ BIG_CHUNK_BYTES = 64 * 1024
 # 50 MiB that buffering it would take.
 STREAM_PEAK_LIMIT_BYTES = 8 * 1024 * 1024
 UPLOAD_BYTES = 20 * 1024 * 1024
+SLOW_BODY_SECONDS = 1.0
 
 
 # --- the balancer ---------------------------------------------------------------------
@@ -176,6 +179,34 @@ def test_rotation_update_reports_changes_and_keeps_state():
 def test_rotation_rejects_unknown_strategy():
     with pytest.raises(ValueError, match="strategy"):
         Rotation(APP_ID, "random", 5, 10.0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_panic_picks_circuits_opened_on_reply(strategy):
+    rotation = Rotation(APP_ID, strategy, 1, 60.0)
+    rotation.update(targets(3))
+    refused, replied, closed = rotation.backends
+    refused.breaker.failed(reply=False)
+    replied.breaker.failed(reply=True)
+
+    assert {rotation.pick().instance_id for _ in range(6)} == {closed.instance_id}
+    closed.breaker.failed(reply=False)
+    assert {rotation.pick().instance_id for _ in range(6)} == {replied.instance_id}
+    assert rotation.pick(exclude=(replied,)) is None
+
+
+def test_panic_success_closes_circuit():
+    rotation = Rotation(APP_ID, "round_robin", 1, 60.0)
+    rotation.update(targets(1))
+    (backend,) = rotation.backends
+    backend.breaker.failed(reply=True)
+
+    picked = rotation.pick()
+    picked.breaker.acquire()
+
+    assert picked is backend
+    assert backend.breaker.succeeded() is True
+    assert backend.breaker.state is CircuitState.CLOSED
 
 
 # --- the circuit breaker ---------------------------------------------------------------
@@ -488,6 +519,8 @@ class Upstream:
         self.close_codes: list[int | None] = []
         self.runner: web.AppRunner | None = None
         self.port = 0
+        # The status of the echo route's replies.
+        self.echo_status = 200
 
     async def start(self) -> None:
         app = web.Application()
@@ -495,7 +528,9 @@ class Upstream:
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/ws", self.websocket)
         app.router.add_route("GET", "/fail", self.fail)
+        app.router.add_get("/gateway", self.gateway)
         app.router.add_get("/cut", self.cut)
+        app.router.add_get("/slow", self.slow)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -514,15 +549,22 @@ class Upstream:
             "path_qs": request.raw_path,
             "headers": list(request.headers.items()),
             "body_bytes": len(body),
+            "client_port": request.transport.get_extra_info("peername")[1],
         }
         self.requests.append(seen)
         return web.json_response(
-            seen, headers={"X-Up": "1", "Keep-Alive": "timeout=5", "Trailer": "X-Sum"}
+            seen,
+            status=self.echo_status,
+            headers={"X-Up": "1", "Keep-Alive": "timeout=5", "Trailer": "X-Sum"},
         )
 
     async def fail(self, request: web.Request) -> web.Response:
         self.requests.append({"server": self.name, "method": "GET", "path_qs": "/fail"})
         return web.Response(status=500, text="broken")
+
+    async def gateway(self, request: web.Request) -> web.Response:
+        self.requests.append({"server": self.name, "method": "GET", "path_qs": "/gateway"})
+        return web.Response(status=503, text=f"{self.name} overloaded")
 
     async def cut(self, request: web.Request) -> web.StreamResponse:
         """Send part of a chunked body, then drop the connection."""
@@ -531,6 +573,15 @@ class Upstream:
         await response.write(b"z" * BIG_CHUNK_BYTES)
         await asyncio.sleep(0.05)
         request.transport.abort()
+        return response
+
+    async def slow(self, request: web.Request) -> web.StreamResponse:
+        """Send the headers, then the 4-byte body after SLOW_BODY_SECONDS."""
+        response = web.StreamResponse(headers={"Content-Length": "4"})
+        await response.prepare(request)
+        await asyncio.sleep(SLOW_BODY_SECONDS)
+        await response.write(b"late")
+        await response.write_eof()
         return response
 
     async def big(self, request: web.Request) -> web.StreamResponse:
@@ -561,6 +612,68 @@ class Upstream:
                 await ws.send_bytes(message.data)
         self.close_codes.append(ws.close_code)
         return ws
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that sends fixed bytes after each request head, then closes."""
+
+    def __init__(self, reply: bytes, hold_open: bool = False):
+        self.reply = reply
+        # Keep each connection open after the reply, sending nothing more.
+        self.hold_open = hold_open
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(self.reply)
+            await writer.drain()
+            if self.hold_open:
+                await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+# busybox httpd 1.35 replies to HEAD as to GET: headers, `Connection: close`, then the body.
+BODY_AFTER_HEAD_REPLY = (
+    b"HTTP/1.1 200 OK\r\nDate: Sat, 05 Dec 2026 04:17:46 GMT\r\nConnection: close\r\n"
+    b"Content-type: text/html\r\nETag: \"0-7b\"\r\nContent-Length: 11\r\n\r\nhello world"
+)
+
+
+@pytest.fixture
+async def raw_server():
+    servers: list[RawServer] = []
+
+    async def start(reply: bytes, hold_open: bool = False) -> RawServer:
+        server = RawServer(reply, hold_open)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    """Poll `condition` every 10 ms until it is true, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        await asyncio.sleep(0.01)
 
 
 def closed_port() -> int:
@@ -703,6 +816,128 @@ async def test_proxy_head_and_expect_continue(harness, upstreams):
     assert "Expect" not in CIMultiDict(seen["headers"])
 
 
+async def test_proxy_head_ignores_body_after_headers(harness, raw_server):
+    """A HEAD reply followed by a body, as busybox httpd sends it, passes without the body."""
+    server = await raw_server(BODY_AFTER_HEAD_REPLY)
+    proxy = await harness(ingress_circuit_failures=5)
+    proxy.deploy([server.port])
+
+    for _ in range(6):
+        async with proxy.session.head(proxy.url("/proxy/web/index.html?v=1")) as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == "11"
+            assert response.headers["ETag"] == '"0-7b"'
+            assert await response.read() == b""
+
+    sent = server.requests[0].decode()
+    assert sent.startswith("HEAD /index.html?v=1 HTTP/1.1\r\n")
+    assert f"Host: {proxy.base_url.removeprefix('http://')}\r\n" in sent
+    assert "Connection: close\r\n" in sent
+    assert "X-Forwarded-For: 127.0.0.1\r\n" in sent
+    assert proxy.ingress.traffic[APP_ID].upstream_failures == 0
+    states = {state: count for _, state, count in proxy.ingress.circuit_states()}
+    assert states["closed"] == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"NOT HTTP\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nNo Colon\r\n\r\n",
+    ],
+)
+async def test_proxy_head_malformed_reply_spares_breaker(harness, raw_server, reply):
+    server = await raw_server(reply)
+    proxy = await harness(ingress_circuit_failures=1)
+    proxy.deploy([server.port])
+
+    for _ in range(3):
+        async with proxy.session.head(proxy.url("/proxy/web/")) as response:
+            assert response.status == 502
+
+    assert len(server.requests) == 3
+    states = {state: count for _, state, count in proxy.ingress.circuit_states()}
+    assert states["closed"] == 1
+    assert proxy.ingress.traffic[APP_ID].errors == 3
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "reason", "fields"),
+    [
+        (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+            204, "No Content", ["1"],
+        ),
+        (b"HTTP/1.0 200\nX-A:  spaced \nx-a:again\n\n", 200, "", ["spaced", "again"]),
+        (b"HTTP/1.1 404 Not Found\r\n\r\n<html>body</html>", 404, "Not Found", []),
+    ],
+)
+async def test_proxy_head_relays_reply_head(harness, raw_server, reply, status, reason, fields):
+    server = await raw_server(reply)
+    proxy = await harness()
+    proxy.deploy([server.port])
+
+    async with proxy.session.head(proxy.url("/proxy/web/a?b=1")) as response:
+        body = await response.read()
+
+    assert (response.status, response.reason) == (status, reason)
+    assert response.headers.getall("X-A", []) == fields
+    assert "Link" not in response.headers
+    assert body == b""
+    sent = server.requests[0].decode()
+    assert sent.startswith("HEAD /a?b=1 HTTP/1.1\r\n")
+    assert sent.endswith("\r\nConnection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("reply", "breaker_failure"),
+    [
+        # Closed before any response byte: the instance failed.
+        (b"", True),
+        # The rest is not valid HTTP, which spares the breaker for a HEAD.
+        (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 129 + b"\r\n", False),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 11, False),
+        (b"HTTP/2 200\r\n\r\n", False),
+        (b"HTTP/1.1 099 Low\r\n\r\n", False),
+    ],
+)
+async def test_proxy_head_bad_reply_is_502(harness, raw_server, reply, breaker_failure):
+    server = await raw_server(reply)
+    proxy = await harness(ingress_circuit_failures=1, ingress_circuit_cooldown_seconds=60.0)
+    proxy.deploy([server.port])
+
+    async with proxy.session.head(proxy.url("/proxy/web/")) as first:
+        assert first.status == 502
+    async with proxy.session.head(proxy.url("/proxy/web/")) as second:
+        assert second.status == (503 if breaker_failure else 502)
+
+    assert circuit_counts(proxy)["open"] == (1 if breaker_failure else 0)
+    assert len(server.requests) == (1 if breaker_failure else 2)
+    assert proxy.ingress.traffic[APP_ID].upstream_failures == len(server.requests)
+
+
+async def test_proxy_head_connect_and_read_failures(harness, raw_server):
+    silent = await raw_server(b"", hold_open=True)
+    proxy = await harness(ingress_read_timeout_seconds=0.2, ingress_circuit_failures=100)
+
+    proxy.deploy([closed_port()])
+    async with proxy.session.head(proxy.url("/proxy/web/")) as refused:
+        assert refused.status == 502
+    proxy.set_state("inst-000000000000", silent.port)
+    proxy.ingress.view_changed()
+    async with proxy.session.head(proxy.url("/proxy/web/")) as timed_out:
+        assert timed_out.status == 504
+
+    assert len(silent.requests) == 1
+    assert proxy.ingress.traffic[APP_ID].upstream_failures == 2
+    assert proxy.ingress.traffic[APP_ID].status_classes == {"5xx": 2}
+
+
 async def test_proxy_root_path_and_app_id(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
@@ -737,6 +972,9 @@ async def test_proxy_without_instances_is_503(harness, upstreams):
     assert response.status == 503
     assert body["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert response.headers["Retry-After"] == "2"
+    assert body["error"]["message"] == (
+        "app web has no running, healthy instance on an online node yet; try again shortly"
+    )
     assert upstreams[0].requests == []
     assert proxy.ingress.traffic[APP_ID].errors == 1
 
@@ -749,7 +987,40 @@ async def test_proxy_stopped_app_is_503(harness, upstreams):
         body = await response.json()
 
     assert response.status == 503
-    assert "stopped" in body["error"]["message"]
+    assert body["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert body["error"]["message"] == (
+        "app web is stopped, so it takes no traffic; deploy it again with POST /apps/add_app/ to serve it"
+    )
+    assert body["error"]["details"]["app_state"] == "stopped"
+    assert "Retry-After" not in response.headers
+
+
+async def test_proxy_failed_app_no_retry(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port], state=STATE_FAILED)
+
+    async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+        body = await response.json()
+
+    assert response.status == 503
+    assert body["error"]["message"].startswith("app web could not start on any node")
+    assert f"GET /apps/get_app_status/?app_id={APP_ID}" in body["error"]["message"]
+    assert "Retry-After" not in response.headers
+
+
+async def test_proxy_scaled_to_zero_no_retry(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    record = proxy.controller.catalogue.apps[APP_ID]
+    proxy.controller.catalogue.apps[APP_ID] = dataclasses.replace(record, desired=0, assignments={})
+    proxy.ingress.view_changed()
+
+    async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+        body = await response.json()
+
+    assert response.status == 503
+    assert "scaled to 0 replicas" in body["error"]["message"]
+    assert "Retry-After" not in response.headers
 
 
 async def test_proxy_round_robin_spreads(harness, upstreams):
@@ -862,6 +1133,79 @@ async def test_proxy_counts_instance_5xx_as_errors(harness, upstreams):
     assert proxy.ingress.status_metrics(APP_ID)["error_rate_percent"] == 100.0
 
 
+def circuit_counts(proxy: "ProxyHarness") -> dict[str, int]:
+    return {state: count for _, state, count in proxy.ingress.circuit_states()}
+
+
+async def test_proxy_app_500_never_opens_circuit(harness, upstreams):
+    proxy = await harness(ingress_circuit_failures=2, ingress_circuit_cooldown_seconds=60.0)
+    proxy.deploy([upstreams[0].port])
+
+    for _ in range(6):
+        async with proxy.session.get(proxy.url("/proxy/web/fail")) as response:
+            assert response.status == 500
+            assert await response.text() == "broken"
+    async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+        assert response.status == 200
+
+    assert circuit_counts(proxy) == {"closed": 1, "open": 0, "half_open": 0}
+    assert proxy.ingress.traffic[APP_ID].errors == 6
+    assert proxy.ingress.status_metrics(APP_ID)["error_rate_percent"] == pytest.approx(600 / 7, abs=0.001)
+
+
+async def test_proxy_gateway_replies_open_circuit(harness, upstreams):
+    proxy = await harness(ingress_circuit_failures=2, ingress_circuit_cooldown_seconds=60.0)
+    proxy.deploy([upstreams[0].port, upstreams[1].port])
+    upstreams[0].echo_status = 503
+
+    statuses = []
+    for _ in range(8):
+        async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+            statuses.append(response.status)
+
+    assert statuses.count(503) == 2
+    assert len(upstreams[0].requests) == 2, "the open circuit keeps requests off the instance"
+    assert len(upstreams[1].requests) == 6
+    assert circuit_counts(proxy) == {"closed": 1, "open": 1, "half_open": 0}
+
+
+async def test_proxy_panic_passes_app_gateway_reply(harness, upstreams):
+    """With every circuit opened by 503 replies, the app's own 503 still reaches the client."""
+    proxy = await harness(ingress_circuit_failures=2, ingress_circuit_cooldown_seconds=60.0)
+    proxy.deploy([upstreams[0].port, upstreams[1].port])
+
+    for _ in range(4):
+        async with proxy.session.get(proxy.url("/proxy/web/gateway")) as response:
+            assert response.status == 503
+    assert circuit_counts(proxy)["open"] == 2
+
+    async with proxy.session.get(proxy.url("/proxy/web/gateway")) as response:
+        assert response.status == 503
+        assert (await response.text()).endswith(" overloaded")
+        assert "Retry-After" not in response.headers
+    async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+        assert response.status == 200
+
+    assert circuit_counts(proxy) == {"closed": 1, "open": 1, "half_open": 0}
+
+
+async def test_proxy_dead_instances_get_503_with_retry(harness):
+    proxy = await harness(ingress_circuit_failures=1, ingress_circuit_cooldown_seconds=60.0)
+    proxy.deploy([closed_port(), closed_port()])
+
+    async with proxy.session.get(proxy.url("/proxy/web/")) as failed:
+        failed_body = await failed.json()
+    async with proxy.session.get(proxy.url("/proxy/web/")) as unavailable:
+        unavailable_body = await unavailable.json()
+
+    assert failed.status == 502
+    assert failed_body["error"]["code"] == "NETWORK_ERROR"
+    assert unavailable.status == 503
+    assert unavailable.headers["Retry-After"] == "2"
+    assert unavailable_body["error"]["message"].endswith("circuit breaker cool-down; try again shortly")
+    assert circuit_counts(proxy)["open"] == 2
+
+
 async def test_rotation_change_publishes_event(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port, upstreams[1].port])
@@ -900,6 +1244,22 @@ async def test_proxy_streams_large_response(harness, upstreams):
     assert peak < STREAM_PEAK_LIMIT_BYTES
 
 
+async def test_proxy_sends_headers_before_slow_body(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+
+    started = time.monotonic()
+    async with proxy.session.get(proxy.url("/proxy/web/slow")) as response:
+        headers_seconds = time.monotonic() - started
+        body = await response.read()
+    body_seconds = time.monotonic() - started
+
+    assert response.status == 200
+    assert headers_seconds < SLOW_BODY_SECONDS / 2
+    assert body == b"late"
+    assert body_seconds >= SLOW_BODY_SECONDS
+
+
 async def test_proxy_cuts_client_when_instance_fails_mid_body(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
@@ -928,6 +1288,44 @@ async def test_proxy_streams_upload_beyond_api_body_limit(harness, upstreams):
 
     assert response.status == 200
     assert answer == {"received": UPLOAD_BYTES}
+
+
+async def test_proxy_reuses_instance_connections(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+
+    for _ in range(5):
+        async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+            assert response.status == 200
+    pooled = proxy.ingress._upstream.idle_connections("127.0.0.1", upstreams[0].port)
+    await proxy.ingress.stop()
+
+    assert len({seen["client_port"] for seen in upstreams[0].requests}) == 1
+    assert pooled == 1
+    assert proxy.ingress._upstream.idle_connections("127.0.0.1", upstreams[0].port) == 0
+
+
+async def test_proxy_client_leaving_upload_is_499(harness, upstreams, caplog):
+    """A client that closes in the middle of its request body costs the instance nothing."""
+    proxy = await harness(ingress_circuit_failures=1)
+    proxy.deploy([upstreams[0].port])
+    host, port = proxy.base_url.removeprefix("http://").split(":")
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /proxy/web/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"u" * 1000)
+    await writer.drain()
+    rotations = proxy.ingress.rotations
+    await wait_until(lambda: APP_ID in rotations and rotations[APP_ID].backends[0].in_flight == 1)
+    writer.transport.abort()
+    await wait_until(lambda: proxy.ingress.traffic[APP_ID].requests)
+    traffic = proxy.ingress.traffic[APP_ID]
+
+    assert traffic.status_classes == {"4xx": 1}
+    assert traffic.upstream_failures == 0
+    assert circuit_counts(proxy)["closed"] == 1
+    assert "unhandled error" not in caplog.text
+    async with proxy.session.get(proxy.url("/proxy/web/")) as response:
+        assert response.status == 200
 
 
 async def test_proxy_websocket_echo_and_close(harness, upstreams):
@@ -985,6 +1383,26 @@ async def test_ingress_port_routes_by_host(harness, upstreams):
     assert body["error"]["code"] == "RESOURCE_NOT_FOUND"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "127.0.0.1", "[::1]:{port}", "[::1]"])
+async def test_ingress_port_ip_host_explains_routing(harness, upstreams, host):
+    port = closed_port()
+    proxy = await harness(ingress_port=port)
+    proxy.deploy([upstreams[0].port])
+    host = host.format(port=port)
+
+    async with proxy.session.get(f"http://127.0.0.1:{port}/", headers={"Host": host}) as response:
+        body = await response.json()
+
+    assert response.status == 404
+    assert body["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert body["error"]["message"] == (
+        f"Host {host} is an IP address, but this ingress port selects the app by the name that"
+        f" starts the Host header: send Host: APP or Host: APP.DOMAIN, as in curl -H 'Host: web' http://{host}/"
+    )
+    assert body["error"]["details"] == {"field": "Host", "host": host}
+    assert upstreams[0].requests == []
+
+
 async def test_peer_counters_merge_into_status(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
@@ -1000,6 +1418,35 @@ async def test_peer_counters_merge_into_status(harness, upstreams):
     proxy.ingress.remember_peer({"node_id": OTHER_NODE_ID, "apps": "bad"})
 
     assert proxy.ingress.status_metrics(APP_ID)["total_requests"] == 8
+
+
+async def test_proxy_traffic_left_out_of_api_request_metrics(harness, upstreams):
+    """App traffic adds no label values to the API's request metrics, whatever its paths."""
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    for index in range(20):
+        async with proxy.session.get(proxy.url(f"/proxy/web/page-{index}?q={index}")) as response:
+            assert response.status == 200
+    for path in ("/proxy/web/fail", "/proxy/web", "/proxy/unknown-app/x"):
+        async with proxy.session.get(proxy.url(path)) as response:
+            assert response.status in (200, 404, 500)
+    async with proxy.session.head(proxy.url("/proxy/web/")) as response:
+        assert response.status == 200
+    async with proxy.session.get(proxy.url("/no-such-route")) as response:
+        assert response.status == 401, "an API request without a token"
+
+    stats = proxy.runner.app[STATS_KEY]
+    registry = build_registry(SimpleNamespace(node_id=NODE_ID), stats, proxy.runner.app.router)
+    families = {family.name: family for family in registry.collect()}
+
+    routes = {sample.labels["route"] for sample in families["voxanode_http_requests"].samples}
+    assert routes == {"unmatched"}
+    histogram_routes = {
+        sample.labels["route"] for sample in families["voxanode_http_request_duration_seconds"].samples
+    }
+    assert histogram_routes == {"unmatched"}
+    assert stats.requests == 1
+    assert proxy.ingress.traffic[APP_ID].requests == 23
 
 
 async def test_metrics_families_of_ingress(harness, upstreams):

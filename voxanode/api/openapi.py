@@ -605,10 +605,11 @@ PROXY_DESCRIPTION = (
 )
 PROXY_ERRORS = {
     404: "RESOURCE_NOT_FOUND: no app has this name or id",
-    502: "NETWORK_ERROR: the connection to the instance failed, or it refused a "
-    "websocket upgrade",
-    503: "SERVICE_UNAVAILABLE: no running, healthy instance can take the request "
-    "(with `Retry-After`), or this node runs no app controller",
+    502: "NETWORK_ERROR: the connection to the instance failed, its reply to HEAD was "
+    "not valid HTTP, or it refused a websocket upgrade",
+    503: "SERVICE_UNAVAILABLE: no running, healthy instance can take the request yet "
+    "(with `Retry-After`), the app is stopped, failed, scaled to 0 or publishes no TCP "
+    "port (without `Retry-After`), or this node runs no app controller",
     504: "NETWORK_ERROR: the instance sent nothing within the node's "
     "ingress_read_timeout_seconds",
 }

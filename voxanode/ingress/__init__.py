@@ -6,4 +6,5 @@
   per-instance circuit breakers.
 - `headers` removes hop-by-hop headers and adds the X-Forwarded-* ones.
 - `traffic` counts requests per app and merges the counts of several nodes.
+- `upstream` is the HTTP/1.1 client that sends forwarded requests to instances.
 """

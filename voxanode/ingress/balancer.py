@@ -13,7 +13,14 @@ app's strategy, skipping backends whose circuit is open:
 Each backend has a `CircuitBreaker`: after `failure_threshold` failures in a row it
 opens, and the backend gets no requests for `cooldown_seconds`. Then one trial
 request is let through (half-open): its success closes the circuit, its failure opens
-it for another cool-down.
+it for another cool-down. The proxy decides what a failure is (see
+`voxanode.ingress.proxy`) and tells the breaker whether the instance replied.
+
+When no backend may take a request, `pick()` falls back to panic routing: the
+backends whose circuit opened on a reply (a 502, 503 or 504 from the instance) take
+traffic again, by the same strategy, so that the client gets the app's own reply
+instead of the proxy's 503. Backends whose last failure was a failed connection or a
+timeout stay out until their cool-down ends.
 
 Everything here runs on the event loop's thread and takes no lock.
 """
@@ -42,7 +49,16 @@ class CircuitState(enum.Enum):
 class CircuitBreaker:
     """Consecutive-failure circuit breaker of one backend."""
 
-    __slots__ = ("failure_threshold", "cooldown_seconds", "clock", "failures", "state", "open_until", "trial_running")
+    __slots__ = (
+        "failure_threshold",
+        "cooldown_seconds",
+        "clock",
+        "failures",
+        "state",
+        "open_until",
+        "trial_running",
+        "last_failure_was_reply",
+    )
 
     def __init__(self, failure_threshold: int, cooldown_seconds: float, clock: Callable[[], float] = time.monotonic):
         self.failure_threshold = failure_threshold
@@ -52,6 +68,9 @@ class CircuitBreaker:
         self.state = CircuitState.CLOSED
         self.open_until = 0.0
         self.trial_running = False
+        # Whether the latest failure was a reply of the instance (reachable, but
+        # failing) rather than a failed connection or a timeout.
+        self.last_failure_was_reply = False
 
     def allows(self) -> bool:
         """Return whether a request may go to the backend now (no state change)."""
@@ -77,9 +96,13 @@ class CircuitBreaker:
             return True
         return False
 
-    def failed(self) -> bool:
-        """Record a failure; return True when this opened the circuit."""
+    def failed(self, reply: bool = False) -> bool:
+        """Record a failure; return True when this opened the circuit.
+
+        `reply` is True when the failure is a reply of the instance, such as a 503.
+        """
         self.trial_running = False
+        self.last_failure_was_reply = reply
         if self.state is CircuitState.HALF_OPEN:
             self._open()
             return True
@@ -92,6 +115,10 @@ class CircuitBreaker:
     def abandon(self) -> None:
         """Forget a request that ended without a result, such as a cancelled one."""
         self.trial_running = False
+
+    def open_on_reply(self) -> bool:
+        """Return whether the circuit is open or half-open after a failing reply."""
+        return self.state is not CircuitState.CLOSED and self.last_failure_was_reply
 
     def _open(self) -> None:
         self.state = CircuitState.OPEN
@@ -170,7 +197,19 @@ class Rotation:
         return added, removed
 
     def pick(self, exclude: tuple[Backend, ...] = ()) -> Backend | None:
-        """Return the backend for the next request, or None when none may take it."""
+        """Return the backend for the next request, or None when none may take it.
+
+        Backends whose circuit allows a request come first. When there are none, the
+        backends whose circuit opened on a failing reply are picked (panic routing).
+        """
+        backend = self._pick_among(exclude, CircuitBreaker.allows)
+        if backend is None:
+            backend = self._pick_among(exclude, CircuitBreaker.open_on_reply)
+        return backend
+
+    def _pick_among(
+        self, exclude: tuple[Backend, ...], eligible: Callable[[CircuitBreaker], bool]
+    ) -> Backend | None:
         backends = self.backends
         count = len(backends)
         if count == 0:
@@ -179,10 +218,10 @@ class Rotation:
             start = next(self._turn)
             for offset in range(count):
                 backend = backends[(start + offset) % count]
-                if backend not in exclude and backend.breaker.allows():
+                if backend not in exclude and eligible(backend.breaker):
                     return backend
             return None
-        candidates = [b for b in backends if b not in exclude and b.breaker.allows()]
+        candidates = [b for b in backends if b not in exclude and eligible(b.breaker)]
         if not candidates:
             return None
         if self.strategy == STRATEGY_LEAST_CONNECTIONS:

@@ -3,10 +3,13 @@
 `Ingress.handle` serves the `/proxy/{app}/...` routes and the host-routed listener of
 `ingress_port`. It finds the app by name or id in the catalogue, picks an instance
 from the app's `Rotation` (see `voxanode.ingress.balancer`), and forwards the request
-with aiohttp's client to the instance's published port: the `host_ip` and host port
-of its report. Bodies stream both ways in chunks, so memory stays bounded whatever
-their size. Hop-by-hop headers are dropped and X-Forwarded-For, -Proto and -Host
-added (see `voxanode.ingress.headers`). A websocket upgrade is proxied frame by frame.
+to the instance's published port (the `host_ip` and host port of its report) with
+`UpstreamClient` (see `voxanode.ingress.upstream`), which keeps idle keep-alive
+connections per instance. Bodies stream both ways in chunks, so memory stays bounded
+whatever their size. Hop-by-hop headers are dropped and X-Forwarded-For, -Proto and
+-Host added (see `voxanode.ingress.headers`). The reply to a HEAD ends at its header
+section, because some servers send a body after it. A websocket upgrade goes through
+aiohttp's client instead, and is proxied frame by frame.
 
 A rotation is built on an app's first request to this node. It is rebuilt when the
 controller reports a change of the catalogue, an instance report or membership,
@@ -15,13 +18,36 @@ event with reason `ingress_rotation`.
 
 A connection that fails before any response byte is retried on another instance for
 idempotent methods, up to `ingress_retries` times. A request with a body is retried
-only when its connection was never made, because otherwise its body has been read. Failures
-and 5xx replies feed each instance's circuit breaker.
+only when its connection was never made, because otherwise its body has been read.
+A client that goes away while its request body is forwarded gets nothing more: the
+attempt counts neither way for the instance's breaker, and the request is counted
+with status 499.
+
+What counts toward an instance's circuit breaker, as Envoy's outlier detection
+separates gateway failures from other 5xx replies:
+
+- failures: a connection that fails, times out or is reset before or during the
+  reply, a reply to any method but HEAD that is not valid HTTP, and a 502, 503 or
+  504 reply (the instance, or a gateway inside it, says it cannot serve);
+- successes: every other reply, 500 and the other 5xx included. Such a reply is the
+  app's own result for one request, often of one broken path, and it shows that the
+  instance is reachable, so it passes to the client and never ejects the instance;
+- neither: a reply to HEAD that is not valid HTTP, one cut off within its header
+  section included, because a quirk of an instance's HEAD handling is no sign of a
+  failing instance. The client gets 502.
+
+When every instance of an app has an open circuit, the instances whose circuit
+opened on a 502, 503 or 504 reply take traffic again, so that the client gets the
+app's own reply. This is a narrower panic routing than Envoy's, which by default sends
+traffic to every host once fewer than 50% are healthy: instances that failed on
+connections or timeouts stay out for their cool-down. All 5xx replies count as
+errors in the app's traffic counters either way.
 
 Replies made by the proxy itself are error envelopes: 404 for an unknown app, 503
-SERVICE_UNAVAILABLE when no instance can take the request, 502 NETWORK_ERROR when the
-instance's connection failed, 504 NETWORK_ERROR when it sent nothing in
-`ingress_read_timeout_seconds`.
+SERVICE_UNAVAILABLE when no instance can take the request (with `Retry-After` only
+while no instance is healthy yet or circuits cool down, not for a stopped app), 502
+NETWORK_ERROR when the instance's connection failed, 504 NETWORK_ERROR when it sent
+nothing in `ingress_read_timeout_seconds`.
 """
 
 import asyncio
@@ -39,7 +65,8 @@ from yarl import URL
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import request_id_of
 from voxanode.api.ratelimit import RATE_LIMITER_KEY
-from voxanode.apps.catalogue import HEALTH_HEALTHY, INSTANCE_RUNNING, STATE_ACTIVE, AppRecord
+from voxanode.api.response_headers import prepare_stream
+from voxanode.apps.catalogue import HEALTH_HEALTHY, INSTANCE_RUNNING, STATE_ACTIVE, STATE_STOPPED, AppRecord
 from voxanode.ingress.balancer import (
     IDEMPOTENT_METHODS,
     Backend,
@@ -49,6 +76,16 @@ from voxanode.ingress.balancer import (
 )
 from voxanode.ingress.headers import WEBSOCKET_HANDSHAKE_HEADERS, add_forwarded, end_to_end
 from voxanode.ingress.traffic import AppTraffic, TrafficError, TrafficSnapshot, merge_traffic, status_metrics
+from voxanode.ingress.upstream import (
+    HEAD_METHOD,
+    UpstreamBodyError,
+    UpstreamClient,
+    UpstreamClosedError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamResponse,
+)
 from voxanode.membership.state import MemberStatus
 
 logger = logging.getLogger(__name__)
@@ -63,27 +100,58 @@ WEBSOCKET_HEARTBEAT_SECONDS = 30.0
 WEBSOCKET_CLOSE_TIMEOUT_SECONDS = 5.0
 # Close codes that RFC 6455 section 7.4.1 reserves for reporting, never for a close frame.
 UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
-# Headers the proxy's client would otherwise add to every forwarded request.
+# Headers aiohttp's client would otherwise add to every websocket handshake.
 SKIPPED_CLIENT_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 EVENT_REASON = "ingress_rotation"
 # Request headers that the proxy handles itself: aiohttp's server sends the interim
 # "100 Continue" to the client, so the instance must not be asked for another.
 REQUEST_ONLY_HEADERS = frozenset({"expect"})
+# A HEAD is forwarded without a body, so a Content-Length of the client's must not
+# make the instance wait for one.
+HEAD_DROPPED_HEADERS = REQUEST_ONLY_HEADERS | {"content-length"}
+# Replies of an instance that count as circuit breaker failures: the instance, or a
+# gateway inside it, cannot serve. Other 5xx replies are the app's own errors.
+GATEWAY_FAILURE_STATUSES = frozenset({502, 503, 504})
 
 
 class _ConnectFailed(Exception):
-    """A forwarded attempt that got no response byte. `retryable` is whether another may follow."""
+    """A forwarded attempt that got no usable reply.
 
-    def __init__(self, backend: Backend, error: BaseException, retryable: bool, timed_out: bool):
+    `retryable` is whether another attempt may follow. `breaker_failure` is whether it
+    counts toward the instance's circuit breaker: False for a reply to HEAD that is not
+    valid HTTP, because a quirk of the instance's HEAD handling is no sign of a failing
+    instance.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        error: BaseException,
+        retryable: bool,
+        timed_out: bool,
+        breaker_failure: bool = True,
+    ):
         super().__init__(str(error))
         self.backend = backend
         self.error = error
         self.retryable = retryable
         self.timed_out = timed_out
+        self.breaker_failure = breaker_failure
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A streamed reply whose headers aiohttp keeps until the first body write or the end.
+
+    aiohttp 3.14 sends a StreamResponse's headers in `prepare()`, in a send of their
+    own, unless the class sets `_send_headers_immediately` to False, as `web.Response`
+    does. A version without that attribute sends them in `prepare()`, which is correct too.
+    """
+
+    _send_headers_immediately = False
 
 
 class Ingress:
-    """App traffic through this node: rotations, the forwarding client and the counters."""
+    """App traffic through this node: rotations, the forwarding clients and the counters."""
 
     def __init__(self, controller: Any):
         self.controller = controller
@@ -98,59 +166,58 @@ class Ingress:
         self._names: dict[str, str] = {}
         self._stale = True
         self._refresh_scheduled = False
-        self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.settings.ingress_connect_timeout_seconds,
-            sock_read=self.settings.ingress_read_timeout_seconds,
+        self._upstream = UpstreamClient(
+            connect_timeout=self.settings.ingress_connect_timeout_seconds,
+            read_timeout=self.settings.ingress_read_timeout_seconds,
         )
+        # aiohttp's client, for websocket upgrades only, made on the first one.
+        self._websocket_session: aiohttp.ClientSession | None = None
         self._websockets: set[web.WebSocketResponse] = set()
         self._host_runner: web.AppRunner | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the forwarding client and, when `ingress_port` is set, its listener."""
-        self._client()
+        """Open the listener of `ingress_port`, when it is set."""
         if self.settings.ingress_port:
             await self._start_host_listener()
 
     async def stop(self) -> None:
-        """Close the host-routed listener and the client. Safe to call twice."""
+        """Close the host-routed listener and the forwarding clients. Safe to call twice."""
         runner, self._host_runner = self._host_runner, None
         if runner is not None:
             await self.close_websockets()
             await runner.cleanup()
-        session, self._session = self._session, None
+        await self._upstream.close()
+        session, self._websocket_session = self._websocket_session, None
         if session is not None:
             await session.close()
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _websocket_client(self) -> aiohttp.ClientSession:
+        if self._websocket_session is None or self._websocket_session.closed:
             # No cookie jar: cookies of one client's reply must never reach another
             # client's request. No decompression: bodies pass through as sent.
-            self._session = aiohttp.ClientSession(
+            self._websocket_session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 skip_auto_headers=SKIPPED_CLIENT_HEADERS,
                 trust_env=False,
             )
-        return self._session
+        return self._websocket_session
 
     async def _start_host_listener(self) -> None:
         # Imported here: the API modules import this package's callers.
         from voxanode.api.keys import NODE_KEY, STATS_KEY
-        from voxanode.api.middlewares import add_request_id_header, api_middleware
-        from voxanode.api.ratelimit import rate_limit_middleware, setup_rate_limits
+        from voxanode.api.middlewares import build_api_middleware
+        from voxanode.api.ratelimit import count_request, setup_rate_limits
         from voxanode.api.routes.proxy import HOST_ROUTE, proxy_by_host
         from voxanode.api.stats import RequestStats
 
-        app = web.Application(middlewares=(api_middleware, rate_limit_middleware))
+        app = web.Application(middlewares=(build_api_middleware((count_request,)),))
         app[NODE_KEY] = self.controller.node
         app[STATS_KEY] = RequestStats()
         setup_rate_limits(app, self.settings)
-        app.on_response_prepare.append(add_request_id_header)
         app.router.add_route("*", HOST_ROUTE, proxy_by_host)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
@@ -332,37 +399,72 @@ class Ingress:
         raise self._unavailable(record, rotation)
 
     def _unavailable(self, record: AppRecord, rotation: Rotation) -> ApiError:
-        if record.state != STATE_ACTIVE:
-            reason = f"app {record.name} is {record.state}"
+        """Return the 503 for an app that no instance can serve now.
+
+        Only a state that passes by itself (no healthy instance yet, circuits cooling
+        down) gets `Retry-After` and the advice to try again. A stopped, failed or
+        portless app, or one scaled to 0, stays so until its user acts.
+        """
+        details = {
+            "app_id": record.app_id,
+            "app_state": record.state,
+            "instances_in_rotation": len(rotation.backends),
+        }
+        if record.state == STATE_STOPPED:
+            message = (
+                f"app {record.name} is stopped, so it takes no traffic;"
+                " deploy it again with POST /apps/add_app/ to serve it"
+            )
+        elif record.state != STATE_ACTIVE:
+            # The other inactive state, failed: the deployment could not start on any node.
+            message = (
+                f"app {record.name} could not start on any node and runs no instance;"
+                f" GET /apps/get_app_status/?app_id={record.app_id} shows why,"
+                " and POST /apps/add_app/ deploys it again"
+            )
         elif ingress_port_of(record) is None:
-            reason = f"app {record.name} publishes no TCP port"
-        elif rotation.backends:
-            reason = f"every instance of app {record.name} has an open circuit after failures"
+            message = f"app {record.name} publishes no TCP port, so it cannot take HTTP traffic"
+        elif record.desired == 0:
+            message = (
+                f"app {record.name} is scaled to 0 replicas;"
+                " scale it up with POST /apps/add_scale_app/ to serve it"
+            )
         else:
-            reason = f"app {record.name} has no running, healthy instance on an online node"
-        return ApiError(
-            503, ErrorCode.SERVICE_UNAVAILABLE, f"{reason}; try again shortly",
-            {"app_id": record.app_id, "instances_in_rotation": len(rotation.backends)},
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
+            if rotation.backends:
+                reason = (
+                    f"every instance of app {record.name} failed its last connections"
+                    " and waits out its circuit breaker cool-down"
+                )
+            else:
+                reason = f"app {record.name} has no running, healthy instance on an online node yet"
+            return ApiError(
+                503, ErrorCode.SERVICE_UNAVAILABLE, f"{reason}; try again shortly", details,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        return ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, message, details)
 
     async def _forward(
         self, request: web.Request, record: AppRecord, path_qs: str, traffic: AppTraffic
     ) -> web.StreamResponse:
         rotation = self._rotation_of(record)
         method = request.method
-        has_body = request.body_exists
+        is_head = method == HEAD_METHOD
+        # A HEAD goes without a body: its content has no defined meaning (RFC 9110 9.3.2).
+        body = request.content if request.body_exists and not is_head else None
         retries_left = self.settings.ingress_retries if method in IDEMPOTENT_METHODS else 0
-        headers = self._request_headers(request, REQUEST_ONLY_HEADERS)
+        headers = self._request_headers(request, HEAD_DROPPED_HEADERS if is_head else REQUEST_ONLY_HEADERS)
         tried: tuple[Backend, ...] = ()
         last: _ConnectFailed | None = None
         while True:
             backend = self._pick(rotation, record, tried, last)
             try:
-                upstream = await self._send(backend, method, path_qs, headers, request.content if has_body else None)
+                upstream = await self._send(backend, method, path_qs, headers, body)
             except _ConnectFailed as failure:
                 traffic.upstream_failures += 1
-                self._failed(rotation, backend)
+                if failure.breaker_failure:
+                    self._failed(rotation, backend)
+                else:
+                    backend.breaker.abandon()
                 last = failure
                 tried += (backend,)
                 if failure.retryable and retries_left > 0:
@@ -373,37 +475,37 @@ class Ingress:
                         type(failure.error).__name__,
                     )
                     continue
+                logger.debug(
+                    "forwarding failed app=%s instance=%s request=%s: %s",
+                    record.app_id, backend.instance_id, request_id_of(request), failure.error,
+                )
                 raise _upstream_error(record, failure) from failure.error
+            except ConnectionError as error:
+                # The client's request body raised it because the client went away,
+                # so no reply can reach it. aiohttp drops a reply to a closed connection.
+                logger.debug(
+                    "client went away during its request body app=%s instance=%s request=%s: %r",
+                    record.app_id, backend.instance_id, request_id_of(request), error,
+                )
+                return web.Response(status=CLIENT_CLOSED_STATUS)
             return await self._relay(request, rotation, backend, upstream)
 
-    async def _send(self, backend: Backend, method: str, path_qs: str, headers, body) -> aiohttp.ClientResponse:
-        """Send one attempt and return the instance's response, headers read."""
+    async def _send(self, backend: Backend, method: str, path_qs: str, headers, body) -> UpstreamResponse:
+        """Send one attempt and return the instance's response, headers read.
+
+        Raises _ConnectFailed when the instance gave no usable reply. An exception of
+        the client's request body propagates unchanged, and the attempt counts neither
+        way for the instance's breaker.
+        """
         backend.breaker.acquire()
         backend.in_flight += 1
         sent = time.perf_counter()
+        target = backend.target
         try:
-            upstream = await self._client().request(
-                method,
-                URL(backend.base_url + path_qs, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=self._timeout,
-                compress=None,
-            )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            upstream = await self._upstream.request(target.host, target.port, method, path_qs, headers, body)
+        except UpstreamError as error:
             backend.in_flight -= 1
-            raise _ConnectFailed(backend, error, retryable=True, timed_out=False) from error
-        except aiohttp.ServerTimeoutError as error:
-            backend.in_flight -= 1
-            raise _ConnectFailed(backend, error, retryable=False, timed_out=True) from error
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
-            # Reset before any response byte: safe to repeat only without a body.
-            backend.in_flight -= 1
-            raise _ConnectFailed(backend, error, retryable=body is None, timed_out=False) from error
-        except aiohttp.ClientError as error:
-            backend.in_flight -= 1
-            raise _ConnectFailed(backend, error, retryable=False, timed_out=False) from error
+            raise _attempt_failed(backend, method, body is not None, error) from error
         except BaseException:
             backend.in_flight -= 1
             backend.breaker.abandon()
@@ -412,31 +514,35 @@ class Ingress:
         return upstream
 
     async def _relay(
-        self, request: web.Request, rotation: Rotation, backend: Backend, upstream: aiohttp.ClientResponse
+        self, request: web.Request, rotation: Rotation, backend: Backend, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         """Stream the instance's response to the client, then release the backend."""
-        response = web.StreamResponse(
+        response = _RelayedResponse(
             status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream.headers)
         )
-        if upstream.status >= 500:
-            self._failed(rotation, backend)
-        else:
-            self._succeeded(rotation, backend)
+        self._record_reply(rotation, backend, upstream.status)
         try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            await prepare_stream(request, response)
+            body = upstream.take_complete_body()
+            if body is not None:
+                # The whole body has arrived, so it goes out with the headers in one send.
+                await response.write_eof(body)
+            else:
+                # Send the headers now, because the body may take long to follow.
+                await response.write(b"")
+                async for chunk in upstream.iter_chunks():
+                    await response.write(chunk)
+                await response.write_eof()
         except ConnectionError:
             # The client went away: aiohttp raises ConnectionResetError, or a plain
-            # ConnectionError("Connection lost") from drain(). The instance's
-            # connection is dropped here.
+            # ConnectionError("Connection lost") from drain(), and the client's request
+            # body raises ConnectionResetError. The instance's connection is dropped here.
             upstream.close()
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except UpstreamBodyError as error:
             # The instance failed mid-body: cut the client's connection, so that it
             # cannot take the truncated body for a complete one.
             logger.warning(
-                "instance failed mid-response app=%s instance=%s request=%s: %r",
+                "instance failed mid-response app=%s instance=%s request=%s: %s",
                 rotation.app_id, backend.instance_id, request_id_of(request), error,
             )
             self._failed(rotation, backend)
@@ -448,12 +554,19 @@ class Ingress:
             upstream.release()
         return response
 
+    def _record_reply(self, rotation: Rotation, backend: Backend, status: int) -> None:
+        """Feed an instance's reply to its circuit breaker: only 502, 503 and 504 fail."""
+        if status in GATEWAY_FAILURE_STATUSES:
+            self._failed(rotation, backend, reply=True)
+        else:
+            self._succeeded(rotation, backend)
+
     def _succeeded(self, rotation: Rotation, backend: Backend) -> None:
         if backend.breaker.succeeded():
             self._publish(rotation.app_id, backend.target, "circuit_closed")
 
-    def _failed(self, rotation: Rotation, backend: Backend) -> None:
-        if backend.breaker.failed():
+    def _failed(self, rotation: Rotation, backend: Backend, reply: bool = False) -> None:
+        if backend.breaker.failed(reply):
             logger.warning(
                 "circuit opened app=%s instance=%s for %.0fs node=%s",
                 rotation.app_id, backend.instance_id, backend.breaker.cooldown_seconds, self.node_id,
@@ -480,7 +593,7 @@ class Ingress:
             backend = self._pick(rotation, record, tried, last)
             backend.breaker.acquire()
             try:
-                upstream = await self._client().ws_connect(
+                upstream = await self._websocket_client().ws_connect(
                     URL(backend.base_url + path_qs, encoded=True),
                     headers=headers,
                     protocols=protocols,
@@ -491,10 +604,7 @@ class Ingress:
                     heartbeat=WEBSOCKET_HEARTBEAT_SECONDS,
                 )
             except aiohttp.WSServerHandshakeError as error:
-                if error.status >= 500:
-                    self._failed(rotation, backend)
-                else:
-                    self._succeeded(rotation, backend)
+                self._record_reply(rotation, backend, error.status)
                 raise ApiError(
                     502, ErrorCode.NETWORK_ERROR,
                     f"an instance of app {record.name} refused the websocket upgrade with HTTP {error.status}",
@@ -524,7 +634,7 @@ class Ingress:
         backend.in_flight += 1
         self._websockets.add(server)
         try:
-            await server.prepare(request)
+            await prepare_stream(request, server)
             traffic.record(SWITCHING_PROTOCOLS_STATUS, (time.perf_counter() - started) * 1000)
             await _pump_both_ways(server, upstream)
         finally:
@@ -624,17 +734,44 @@ async def _pump(source, sink) -> bytes:
             return b""
 
 
+def _attempt_failed(backend: Backend, method: str, has_body: bool, error: UpstreamError) -> _ConnectFailed:
+    """Classify an attempt that got no usable reply, for the retries and the circuit breaker."""
+    if isinstance(error, UpstreamConnectError):
+        # Nothing was sent, so even a body is still unread. A connect timeout is a
+        # failed connection (502), not a slow reply (504).
+        return _ConnectFailed(backend, error, retryable=True, timed_out=False)
+    if isinstance(error, UpstreamClosedError):
+        # The instance may have seen the request, and a streamed body has been read.
+        return _ConnectFailed(backend, error, retryable=not has_body, timed_out=False)
+    if isinstance(error, UpstreamProtocolError):
+        return _ConnectFailed(
+            backend, error, retryable=False, timed_out=False, breaker_failure=method != HEAD_METHOD
+        )
+    # UpstreamTimeoutError: the app may still be working on the request.
+    return _ConnectFailed(backend, error, retryable=False, timed_out=error.timed_out)
+
+
 def _upstream_error(record: AppRecord, failure: _ConnectFailed) -> ApiError:
     details = {"app_id": record.app_id, "instance_id": failure.backend.instance_id}
+    error = failure.error
     if failure.timed_out:
         return ApiError(
             504, ErrorCode.NETWORK_ERROR,
             f"an instance of app {record.name} sent no response in time",
             details,
         )
+    if isinstance(error, UpstreamProtocolError):
+        return ApiError(
+            502, ErrorCode.NETWORK_ERROR,
+            f"an instance of app {record.name} sent a reply that is not valid HTTP: {error}",
+            details,
+        )
+    # The upstream client's messages never name the instance's address. aiohttp's
+    # messages (of websocket handshakes) do, so only their type is shown.
+    reason = str(error) if isinstance(error, UpstreamError) else type(error).__name__
     return ApiError(
         502, ErrorCode.NETWORK_ERROR,
-        f"the connection to an instance of app {record.name} failed: {type(failure.error).__name__}",
+        f"forwarding to an instance of app {record.name} failed: {reason}",
         details,
     )
 

@@ -40,7 +40,8 @@ class AppTraffic:
     total_ms: float = 0.0
     bucket_counts: list[int] = field(default_factory=lambda: [0] * BUCKET_COUNT)
     status_classes: dict[str, int] = field(default_factory=dict)
-    # Attempts whose connection to an instance failed or was reset before a response.
+    # Attempts whose connection to an instance failed or was reset before a response,
+    # or whose response did not parse.
     upstream_failures: int = 0
 
     def record(self, status: int, response_ms: float) -> None:

@@ -10,6 +10,7 @@ The host-routed listener of the `ingress_port` setting serves one catch-all rout
 `HOST_ROUTE_TEMPLATE`, and takes the app from the Host header instead.
 """
 
+import ipaddress
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -26,6 +27,12 @@ PROXY_PATH_TEMPLATE = "/proxy/{app}/{path}"
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
 HOST_ROUTE = "/{ingress_path:.*}"
 HOST_ROUTE_TEMPLATE = "/{ingress_path}"
+# The route templates of app traffic, which the API's request statistics leave out.
+APP_TRAFFIC_ROUTES = frozenset({PROXY_APP_PATH, PROXY_PATH_TEMPLATE, HOST_ROUTE_TEMPLATE})
+HOST_ROUTING_HINT = (
+    "this ingress port selects the app by the name that starts the Host header:"
+    " send Host: APP or Host: APP.DOMAIN"
+)
 
 
 def add_routes(app: web.Application) -> None:
@@ -61,18 +68,37 @@ async def proxy_by_host(request: web.Request) -> web.StreamResponse:
     """Forward a request of the ingress port to the app that the Host header names."""
     host = request.headers.get("Host", "")
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if _is_ip_literal(name):
+        # App names start with a letter, so an address never names an app.
+        raise ApiError(
+            404, ErrorCode.RESOURCE_NOT_FOUND,
+            f"Host {host} is an IP address, but {HOST_ROUTING_HINT},"
+            f" as in curl -H 'Host: web' http://{host}/",
+            {"field": "Host", "host": host},
+        )
     app_key = name.split(".", 1)[0].lower()
     if not app_key:
         raise ApiError(
             404, ErrorCode.RESOURCE_NOT_FOUND,
-            "the Host header names no app; send Host: APP or APP.DOMAIN",
-            {"field": "Host"},
+            f"the Host header names no app, but {HOST_ROUTING_HINT}",
+            {"field": "Host", "host": host},
         )
     url = request.rel_url
     path_qs = url.raw_path
     if url.raw_query_string:
         path_qs += "?" + url.raw_query_string
     return await _ingress(request.app).handle(request, app_key, path_qs)
+
+
+def _is_ip_literal(name: str) -> bool:
+    """Return whether a Host name (port removed) is an IPv4 address or a bracketed IPv6 one."""
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 async def close_websockets(app: web.Application) -> None:
