@@ -7,6 +7,8 @@ replicas 1 through `POST /data/store/`, so that the node stores it itself, and k
 one reply of `GET /status/health` and one of `GET /data/retrieve/?key=K`. A second
 process, started from this file with `--serve-bare`, serves those two replies byte for
 byte from a plain aiohttp app without middlewares on another loopback address.
+Both servers run on the same event loop implementation, `--event-loop` (uvloop, the
+node's default, or asyncio), so the ratio measures what the node adds, not the loop.
 
 wrk then loads each route of each server with the same threads, connections and
 duration, in `--rounds` rounds. The servers take turns within a round, and the order
@@ -25,7 +27,8 @@ SIGINT and SIGTERM. The bare app also exits when its parent does.
 NOTE: after a SIGKILL of the bench the node keeps running; stop it by the pid that
 `pgrep -f voxanode-bench-api` shows.
 
-    python bench/api.py [--duration 10] [--connections 32] [--threads 1] [--rounds 3] [--json FILE]
+    python bench/api.py [--duration 10] [--connections 32] [--threads 1] [--rounds 3]
+                        [--event-loop uvloop|asyncio] [--json FILE]
 
 Needs `wrk` on PATH (Debian package `wrk`).
 """
@@ -51,7 +54,7 @@ import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import psutil
 from aiohttp import web
@@ -83,6 +86,8 @@ VOXANODE_ARGS = (
     "--rate-limit-default", RATE_LIMIT,
     "--rate-limit-data", RATE_LIMIT,
 )
+EVENT_LOOPS = ("uvloop", "asyncio")
+DEFAULT_EVENT_LOOP = "uvloop"
 READ_TOKEN_NAME = "bench"
 WRITE_TOKEN_NAME = "bench-write"
 HEALTH_PATH = "/status/health"
@@ -173,13 +178,19 @@ def serve_bare(argv: Sequence[str]) -> int:
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     parser.add_argument("replies_file", type=Path)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP)
     args = parser.parse_args(argv)
 
     document = json.loads(args.replies_file.read_text(encoding="utf-8"))
     replies = {path: CannedReply(**reply) for path, reply in document.items()}
     app = build_bare_app(replies)
     app.cleanup_ctx.append(stop_when_orphaned)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    loop = None
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
     return 0
 
 
@@ -309,7 +320,8 @@ def create_token(data_dir: Path, scope: str, name: str) -> str:
     return lines[-1].strip()
 
 
-def start_voxanode(block: AddressBlock, base_dir: Path, processes: BenchProcesses) -> tuple[Devnet, Tokens]:
+def start_voxanode(block: AddressBlock, base_dir: Path, processes: BenchProcesses,
+                   event_loop: str = DEFAULT_EVENT_LOOP) -> tuple[Devnet, Tokens]:
     """Create the tokens, then start the one-node devnet and wait until it is ready."""
     devnet = Devnet(
         1,
@@ -317,7 +329,7 @@ def start_voxanode(block: AddressBlock, base_dir: Path, processes: BenchProcesse
         first_address=block.first_address,
         api_port=block.api_port,
         peer_port=block.peer_port,
-        extra_args=VOXANODE_ARGS,
+        extra_args=(*VOXANODE_ARGS, "--event-loop", event_loop),
         ready_timeout=READY_TIMEOUT_SECONDS,
     )
     node = devnet.nodes[0]
@@ -374,12 +386,13 @@ def check_protections(api_url: str, key: str, tokens: Tokens) -> None:
         raise BenchError(f"a retrieve reply carries no {RATE_LIMIT_HEADER}: is the data rate limit off?")
 
 
-def start_bare(block: AddressBlock, replies: dict[str, CannedReply], base_dir: Path, processes: BenchProcesses) -> str:
+def start_bare(block: AddressBlock, replies: dict[str, CannedReply], base_dir: Path, processes: BenchProcesses,
+               event_loop: str) -> str:
     """Write the canned replies, start the bare app on its own address, and return its URL."""
     replies_file = base_dir / "bare-replies.json"
     replies_file.write_text(json.dumps({path: asdict(reply) for path, reply in replies.items()}), encoding="utf-8")
     argv = [sys.executable, str(Path(__file__).resolve()), SERVE_BARE_FLAG,
-            block.first_address, str(block.api_port), str(replies_file)]
+            block.first_address, str(block.api_port), str(replies_file), "--event-loop", event_loop]
     with open(base_dir / "bare.log", "ab") as log_file:
         processes.bare = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
@@ -597,7 +610,8 @@ def ratios(series: list[Series]) -> dict[str, dict[str, float]]:
 def print_report(series: list[Series], args: argparse.Namespace, before: MachineState, after: MachineState) -> None:
     print()
     print(f"API benchmark: wrk {args.threads} thread(s), {args.connections} connections, {args.rounds} rounds of "
-          f"{args.duration} s per target; {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.machine()}")
+          f"{args.duration} s per target; {args.event_loop} event loop in both servers; {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, {platform.machine()}")
     print(f"machine at start: {before.describe()}; at end: {after.describe()}")
     header = (f"{'route':<9} {'server':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} "
               f"{'other cores':>11} {'errors':>6}  req/s per round")
@@ -621,7 +635,7 @@ def print_report(series: list[Series], args: argparse.Namespace, before: Machine
 def write_json(path: Path, series: list[Series], args: argparse.Namespace, before: MachineState, after: MachineState) -> None:
     figures = {
         "duration_seconds": args.duration, "connections": args.connections, "threads": args.threads,
-        "rounds": args.rounds, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "rounds": args.rounds, "event_loop": args.event_loop, "cpus": os.cpu_count(), "python": platform.python_version(),
         "machine_before": asdict(before), "machine_after": asdict(after),
         "targets": [
             {
@@ -652,14 +666,14 @@ def run_bench(args: argparse.Namespace, base_dir: Path, processes: BenchProcesse
     """Set both servers up, measure, print the report and return the exit status."""
     node_block, bare_block = pick_blocks()
     print(f"voxanode: starting one node on {node_block.first_address}:{node_block.api_port}", flush=True)
-    devnet, tokens = start_voxanode(node_block, base_dir, processes)
+    devnet, tokens = start_voxanode(node_block, base_dir, processes, args.event_loop)
     node = devnet.nodes[0]
 
     key = store_bench_key(node.api_url, tokens)
     replies = capture_replies(node.api_url, key, tokens)
     check_protections(node.api_url, key, tokens)
     print(f"bare app: starting on {bare_block.first_address}:{bare_block.api_port}", flush=True)
-    bare_url = start_bare(bare_block, replies, base_dir, processes)
+    bare_url = start_bare(bare_block, replies, base_dir, processes, args.event_loop)
     check_bare_replies(bare_url, key, replies)
 
     script_path = base_dir / "report.lua"
@@ -684,9 +698,15 @@ def raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def parse_wrk_args(argv: Sequence[str] | None, description: str, rounds_help: str) -> argparse.Namespace:
-    """Parse the load options that every wrk bench here takes, and check their bounds."""
+def parse_wrk_args(argv: Sequence[str] | None, description: str, rounds_help: str,
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse the load options that every wrk bench here takes, and check their bounds.
+
+    `add_arguments` adds the options of one bench to the parser.
+    """
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_SECONDS,
                         help="seconds of load per target and round (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
@@ -710,7 +730,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         argv,
         "Measure requests per second of a voxanode node's API against a bare aiohttp app, with wrk.",
         "measured rounds; the report shows their medians",
+        add_event_loop_argument,
     )
+
+
+def add_event_loop_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP,
+                        help="event loop of both servers: the node's default, uvloop, or asyncio (default: %(default)s)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,9 +24,9 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from voxanode import __version__
 from voxanode.identity import KEY_FILE_NAME, Identity, IdentityError
@@ -510,6 +510,15 @@ def _prepare_data_dir(settings: Settings) -> None:
         raise SettingsError.for_value("data_dir", settings.data_dir, source, problem) from None
 
 
+def _event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """Return the function that runs the node's main coroutine on the `event_loop` setting's loop."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
+
+
 def _run_node(settings: Settings, identity: Identity, settings_loader: Callable[[], Settings]) -> int:
     # Imported here so that settings errors are reported without loading the network stack.
     from voxanode.node import Node
@@ -517,7 +526,7 @@ def _run_node(settings: Settings, identity: Identity, settings_loader: Callable[
 
     node = Node(settings, identity, settings_loader=settings_loader, notifier=ServiceNotifier())
     try:
-        asyncio.run(node.run_until_stopped())
+        _event_loop_runner(settings.event_loop)(node.run_until_stopped())
     except BindError as error:
         return _report_error(_describe_bind_error(error, settings))
     except OSError as error:

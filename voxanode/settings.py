@@ -37,6 +37,9 @@ CLIENT_ENV_VARIABLES = frozenset({"VOXA_URL", "VOXA_TOKEN", "VOXA_TIMEOUT", "VOX
 DEFAULT_SOURCE = "default"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("plain", "json")
+# uvloop (libuv) runs the same asyncio code with less CPU per socket event; the
+# standard loop is there for troubleshooting.
+EVENT_LOOPS = ("uvloop", "asyncio")
 MIN_PORT = 1
 MAX_PORT = 65535
 MAX_HOST_NAME_CHARS = 253
@@ -658,6 +661,12 @@ class Settings:
         WordRule(LOG_FORMATS, metavar="FORMAT"),
         GROUP_NODE,
     )
+    event_loop: str = _setting(
+        "uvloop",
+        "event loop implementation: uvloop, or the standard library's asyncio loop",
+        WordRule(EVENT_LOOPS, metavar="LOOP"),
+        GROUP_NODE,
+    )
     git_commit: str | None = _setting(
         None,
         "commit reported by /info/version",
@@ -1006,8 +1015,8 @@ class Settings:
     )
     ingress_circuit_failures: int = _setting(
         5,
-        "failures in a row (failed connections, timeouts, 5xx) after which an instance"
-        " gets no traffic for the cool-down",
+        "failures in a row (failed connections, timeouts, 502-504 replies) after which an"
+        " instance gets no traffic for the cool-down",
         IntegerRule(1, 1000),
         GROUP_INGRESS,
     )

@@ -186,13 +186,16 @@ def test_voxanode_api_port_in_use_names_setting(tmp_path):
     assert expected_problem in errors[0]
 
 
-def test_voxanode_peer_port_in_use_names_setting(tmp_path):
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_voxanode_peer_port_in_use_names_setting(tmp_path, event_loop):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as occupied:
         occupied.bind(("127.0.0.1", 0))
         peer_port = occupied.getsockname()[1]
         api_port = free_port(socket.SOCK_STREAM)
 
-        completed = run_voxanode(tmp_path, *start_args(tmp_path, api_port, peer_port))
+        completed = run_voxanode(
+            tmp_path, *start_args(tmp_path, api_port, peer_port), "--event-loop", event_loop
+        )
 
     errors = [line for line in completed.stderr.splitlines() if line.startswith("voxanode:")]
     assert completed.returncode == 2, completed.stderr

@@ -1,8 +1,10 @@
-"""The API's listening sockets, bound before the aiohttp server exists.
+"""The node's listening sockets: the peer UDP socket and the API's TCP sockets.
 
-The node binds them right after its peer socket, so that a port in use stops the start
-before the node joins the network, and hands them to the server once its modules are
-imported.
+The node binds the peer socket first and the API sockets right after it, so that a
+port in use stops the start before the node joins the network. It hands the API
+sockets to the aiohttp server once its modules are imported. Binding here, rather
+than in the event loop's endpoint calls, gives the same OSError with its errno on the
+standard loop and on uvloop, which wraps bind errors in one without an errno.
 """
 
 import errno
@@ -46,3 +48,27 @@ def bind_api_sockets(settings: Settings) -> list[socket.socket]:
             raise BindError("api_port", host, port, error) from error
         raise
     return sockets
+
+
+def bind_peer_socket(settings: Settings) -> socket.socket:
+    """Bind the peer UDP socket on `peer_host` and `peer_port`, non-blocking.
+
+    Raises BindError for "peer_host" when the name does not resolve and for
+    "peer_port" when the address is in use, not local or not allowed.
+    """
+    host, port = settings.peer_host, settings.peer_port
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise BindError("peer_host", host, port, error) from error
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        if error.errno in BIND_ERRNOS:
+            raise BindError("peer_port", host, port, error) from error
+        raise
+    return sock
