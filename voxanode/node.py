@@ -24,14 +24,14 @@ from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node as KademliaNode
 
 from voxanode import __version__
-from voxanode.api.listen import BIND_ERRNOS, bind_api_sockets
+from voxanode.api.listen import bind_api_sockets, bind_peer_socket
 from voxanode.dht.records import RECORD_OVERHEAD_BYTES, now_millis
 from voxanode.dht.service import DataLimits, DataService, run_periodically
 from voxanode.dht.store import DATABASE_FILE_NAME, RecordStore
 from voxanode.events import EventBus
 from voxanode.identity import Identity, readable_node_id
 from voxanode.membership.load import sample_load
-from voxanode.membership.state import Change, Member, NodeInfo
+from voxanode.membership.state import Change, Member, MemberStatus, NodeInfo
 from voxanode.membership.swim import Membership, SwimConfig
 from voxanode.peer.protocol import PeerProtocol, PeerStats, peer_label
 from voxanode.peer.sealing import Keyring
@@ -39,7 +39,6 @@ from voxanode.logs import set_log_level
 from voxanode.notify import ServiceNotifier
 from voxanode.settings import (
     SETTING_SPECS,
-    BindError,
     Settings,
     SettingsError,
     display_value,
@@ -351,13 +350,11 @@ class Node:
                 keyring=keyring,
             )
 
+        peer_socket = bind_peer_socket(settings)
         try:
-            _, protocol = await loop.create_datagram_endpoint(
-                make_protocol, local_addr=(settings.peer_host, settings.peer_port)
-            )
-        except OSError as error:
-            if error.errno in BIND_ERRNOS:
-                raise BindError("peer_port", settings.peer_host, settings.peer_port, error) from error
+            _, protocol = await loop.create_datagram_endpoint(make_protocol, sock=peer_socket)
+        except BaseException:
+            peer_socket.close()
             raise
         self.protocol = protocol
         self.data.attach(protocol)
@@ -550,13 +547,15 @@ class Node:
     async def _maintain_membership(self) -> None:
         """Join through the bootstrap peers, then refresh the routing table periodically.
 
-        Every `join_retry_seconds` this checks the routing table: while it is empty (a
-        first node, or every peer gone) it tries the bootstrap and saved peers, and
-        once `refresh_interval_seconds` have passed since the last refresh it runs one.
+        Every `join_retry_seconds` this checks the routing table: it adds the online
+        members it lacks, while it is empty (a first node, or every peer gone) it tries
+        the bootstrap and saved peers, and once `refresh_interval_seconds` have passed
+        since the last refresh it runs one.
         """
         settings = self.settings
         next_refresh = time.monotonic() + settings.refresh_interval_seconds
         while not self._loops_stop.is_set():
+            self._restore_routing_contacts()
             if self.connected_peer_count() == 0:
                 await self._join()
             else:
@@ -597,6 +596,36 @@ class Node:
             len(self.membership.table) if members else 1,
         )
         self._save_peers()
+
+    def _restore_routing_contacts(self) -> list[str]:
+        """Add the online members that the routing table lacks; return their node ids.
+
+        The kademlia protocol removes a contact after one unanswered RPC, so packet loss
+        can empty the routing tables of live nodes. The DHT can then split into groups
+        that never look each other up again, while membership lists every node online.
+        A member whose bucket is full is left out: a full bucket is no sign of a split,
+        and the member would only join the bucket's replacement list.
+        """
+        if self.membership is None or self.protocol is None:
+            return []
+        router = self.protocol.router
+        added = []
+        for member in self.membership.table.others():
+            if member.status is not MemberStatus.ONLINE:
+                continue
+            host, port = member.info.peer_address
+            contact = KademliaNode(member.dht_id, host, port)
+            bucket = router.buckets[router.get_bucket_for(contact)]
+            if not bucket.is_new_node(contact) or len(bucket) >= bucket.ksize:
+                continue
+            self.protocol.welcome_if_new(contact)
+            added.append(member.node_id)
+        if added:
+            logger.info(
+                "added %d online members missing from the routing table nodes=%s",
+                len(added), ",".join(sorted(added)),
+            )
+        return added
 
     async def _refresh(self) -> None:
         """Look up this node's own id and a random id to keep the buckets filled."""

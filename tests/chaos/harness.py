@@ -14,7 +14,16 @@ Step actions (the `args` each takes):
 - `short_ttl` (count, ttl): store keys that expire soon.
 - `kill`, `freeze`, `thaw`, `restart` (node): SIGKILL, SIGSTOP, SIGCONT, or SIGTERM
   and start again. `node` is an index, or "holder" for a node holding a key of the plan.
-- `partition` (groups: two lists of indexes), `heal`.
+- `partition` (groups: two lists of indexes), `heal`. `heal` also lifts loss and delay.
+- `loss` (nodes, probability): drop that share of the UDP packets between each of
+  `nodes` and every other node, both ways.
+- `delay` (nodes, milliseconds, jitter_milliseconds): hold the UDP packets between each
+  of `nodes` and every other node for that long plus a random 0..jitter.
+- `watch_views` (seconds): read every node's member view twice a second and count
+  the running nodes listed offline, a false verdict while no node is down or cut off.
+- `engine_stop`, `engine_start`: SIGTERM the runner's `docker_engine` (a
+  `docker_engine.PrivateDockerd` that a test sets), and start it again on the same data
+  root. Settling starts a stopped engine.
 - `skew` (node, seconds), `unskew` (node): restart the node with its wall clock off.
 - `disk_full` (node), `disk_free` (node): move the node's data onto a tmpfs and fill it.
 - `await_rereplication`: wait until the nodes that are up store every live key as
@@ -38,6 +47,8 @@ from invariants import (
     check_expired_not_served,
     check_ledger,
     copies_held,
+    member_view,
+    routing_tables_complete,
     rss_bytes,
     under_replicated,
     views_converged,
@@ -50,6 +61,7 @@ REREPLICATION_TIMEOUT_SECONDS = 30.0
 POLL_SECONDS = 0.25
 STOP_TIMEOUT_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 30.0
+VIEW_SAMPLE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,10 +97,16 @@ class PlanResult:
     rereplication_seconds: float | None = None
     view_divergence_seconds: float | None = None
     views: Any = True
+    routing: Any = True
     crashed: dict[int, int | None] = field(default_factory=dict)
     unclean_exits: dict[int, int | None] = field(default_factory=dict)
     superseded_by_clock: int = 0
     store_failures: list[tuple[int, int, str]] = field(default_factory=list)
+    packets_lost: int = 0
+    packets_delayed: int = 0
+    # (observer index, subject index) of each view sample that listed a running node offline.
+    false_offline: list[tuple[int, int]] = field(default_factory=list)
+    view_samples: int = 0
     duration_seconds: float = 0.0
 
 
@@ -106,6 +124,10 @@ class ChaosReport:
     max_reschedule_seconds: float = 0.0
     max_view_divergence_seconds: float = 0.0
     max_rss_growth_bytes: int = 0
+    packets_lost: int = 0
+    packets_delayed: int = 0
+    false_offline: int = 0
+    view_samples: int = 0
     notes: list[str] = field(default_factory=list)
 
     def add(self, result: PlanResult) -> None:
@@ -115,6 +137,10 @@ class ChaosReport:
         self.writes_lost += len(result.lost)
         self.expired_served += len(result.expired_served)
         self.superseded_by_clock += result.superseded_by_clock
+        self.packets_lost += result.packets_lost
+        self.packets_delayed += result.packets_delayed
+        self.false_offline += len(result.false_offline)
+        self.view_samples += result.view_samples
         if result.rereplication_seconds is not None:
             self.max_rereplication_seconds = max(self.max_rereplication_seconds, result.rereplication_seconds)
         if result.view_divergence_seconds is not None:
@@ -131,6 +157,9 @@ class ChaosReport:
             f"max time to reschedule app instances: {self.max_reschedule_seconds:.1f} s",
             f"max member-view divergence: {self.max_view_divergence_seconds:.1f} s",
             f"max RSS growth of a node: {self.max_rss_growth_bytes / 2**20:.1f} MiB",
+            f"UDP packets dropped by loss rules: {self.packets_lost}, held by delay rules: {self.packets_delayed}",
+            f"running nodes listed offline under loss or delay: {self.false_offline}"
+            f" in {self.view_samples} view samples",
             *self.notes,
         ]
 
@@ -149,6 +178,8 @@ class ChaosRunner:
         self.killed: set[int] = set()
         self.frozen: set[int] = set()
         self.disks: dict[int, TmpfsDataDir] = {}
+        # A PrivateDockerd that the engine_stop and engine_start steps act on.
+        self.docker_engine = None
         self.unclean_exits: dict[int, int | None] = {}
         self.last_fault_at = time.monotonic()
         self._result: PlanResult | None = None
@@ -177,6 +208,17 @@ class ChaosRunner:
         node = self.node(index)
         node.start()
         node.wait_ready(READY_TIMEOUT_SECONDS)
+
+    def restart_node(self, index: int, env: dict[str, str] | None) -> int | None:
+        """Stop a node with SIGTERM and start it with the environment overrides `env`.
+
+        Returns the exit code of the stop. Outside a plan, for a test's own setup.
+        """
+        node = self.node(index)
+        code = node.stop(STOP_TIMEOUT_SECONDS)
+        node.env = env
+        self._start_node(index)
+        return code
 
     # -- plans ---------------------------------------------------------------------
 
@@ -209,7 +251,9 @@ class ChaosRunner:
         """Undo every fault still active, so the network can recover."""
         for index in sorted(self.frozen):
             self._do_thaw(index)
-        self.partition.heal()
+        self._heal_network()
+        if self.docker_engine is not None and not self.docker_engine.running:
+            self.docker_engine.start()
         for index in sorted(self.disks):
             self._do_disk_free(index)
         for index in sorted(self.clock_offsets):
@@ -229,6 +273,8 @@ class ChaosRunner:
         result.views = outcome
         if outcome is True:
             result.view_divergence_seconds = time.monotonic() - self.last_settled_at
+        # Lookups follow the routing tables, so each must again contain every other node.
+        result.routing = wait_for(lambda: routing_tables_complete(nodes), CONVERGE_TIMEOUT_SECONDS, POLL_SECONDS)
 
         outcome = wait_for(lambda: not under_replicated(self.ledger, nodes), REREPLICATION_TIMEOUT_SECONDS, POLL_SECONDS)
         if outcome is True:
@@ -324,7 +370,53 @@ class ChaosRunner:
         self._fault()
 
     def _do_heal(self) -> None:
+        self._heal_network()
+
+    def _heal_network(self) -> None:
+        """Lift partition, loss and delay, and add their packet counts to the plan's result."""
+        counts = self.partition.packet_counts()
+        delayed_before = self.partition.delayed_reported
         self.partition.heal()
+        if self._result is not None:
+            self._result.packets_lost += counts["lost"]
+            # The rules count the packets sent to the queue, and the delay process counts
+            # those it released. The larger count is kept.
+            self._result.packets_delayed += max(counts["delayed"], self.partition.delayed_reported - delayed_before)
+
+    def _others(self, indexes: list[int]) -> tuple[list[str], list[str]]:
+        chosen = [self.node(i).api_host for i in indexes]
+        others = [node.api_host for node in self.nodes if node.index not in indexes]
+        return chosen, others
+
+    def _do_loss(self, nodes: list[int], probability: float) -> None:
+        chosen, others = self._others(nodes)
+        self.partition.lose(chosen, others, probability)
+        self._fault()
+
+    def _do_delay(self, nodes: list[int], milliseconds: float, jitter_milliseconds: float = 0.0) -> None:
+        chosen, others = self._others(nodes)
+        self.partition.delay(chosen, others, milliseconds / 1000, jitter_milliseconds / 1000)
+        self._fault()
+
+    def _do_watch_views(self, seconds: float) -> None:
+        index_by_id = {node_id: index for index, node_id in self.node_ids.items()}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            running = {node.index for node in self.reachable()}
+            for observer in self.reachable():
+                for node_id, status in member_view(observer).items():
+                    subject = index_by_id.get(node_id)
+                    if status == "offline" and subject in running:
+                        self._result.false_offline.append((observer.index, subject))
+                self._result.view_samples += 1
+            time.sleep(VIEW_SAMPLE_SECONDS)
+
+    def _do_engine_stop(self) -> None:
+        self.docker_engine.stop(wait=False)
+        self._fault()
+
+    def _do_engine_start(self) -> None:
+        self.docker_engine.start()
 
     def _do_skew(self, node: int, seconds: int) -> None:
         self._stop_node(node)

@@ -118,6 +118,7 @@ def test_killed_node_instances_rescheduled(chaos_network, runner, report, app):
 
     assert result.crashed == {}
     assert result.views is True, result.views
+    assert result.routing is True, result.routing
     assert result.lost == []
     # The restarted victim removes its stale container: one container per replica.
     assert wait_for(lambda: len(containers_of(app, running_only=False)) == REPLICAS, CLEANUP_TIMEOUT_SECONDS) is True

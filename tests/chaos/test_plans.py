@@ -3,7 +3,7 @@
 After each plan settles, these must hold:
 - every durable acknowledged write reads back as its newest version;
 - no expired value is served;
-- every node lists every other as online;
+- every node lists every other as online, and its DHT routing table contains them all;
 - every live key has its replica count of copies;
 - no node has crashed, and every node the plan stopped exited with code 0.
 
@@ -73,6 +73,20 @@ CI_PLANS = (
             step("write", count=2, writers=[2]),
         ),
     ),
+    FaultPlan(
+        "loss-and-delay",
+        (
+            step("write", count=3),
+            # Probes, acks, gossip and DHT RPCs of node 3 each get through with p = 0.75.
+            step("loss", nodes=[3], probability=0.25),
+            # Up to 250 ms each way: within the 0.5 s probe timeout and the 1 s RPC timeout.
+            step("delay", nodes=[1], milliseconds=150, jitter_milliseconds=100),
+            step("write", count=3),
+            step("overwrite"),
+            step("watch_views", seconds=4),
+            step("heal"),
+        ),
+    ),
 )
 
 LONG_PLANS = (
@@ -115,6 +129,41 @@ LONG_PLANS = (
             step("write", count=6, writers=[0, 1, 3, 4]),
         ),
     ),
+    FaultPlan(
+        "packet-loss-two",
+        (
+            step("write", count=6),
+            step("loss", nodes=[2, 4], probability=0.3),
+            step("write", count=8),
+            step("overwrite"),
+            step("watch_views", seconds=12),
+            step("heal"),
+        ),
+    ),
+    FaultPlan(
+        "packet-delay-slow",
+        (
+            # Up to 600 ms each way: direct probes and single RPCs of node 0 time out.
+            step("delay", nodes=[0], milliseconds=400, jitter_milliseconds=200),
+            step("write", count=6),
+            step("overwrite"),
+            step("watch_views", seconds=10),
+            step("heal"),
+        ),
+    ),
+    FaultPlan(
+        "lossy-node-and-kill",
+        (
+            step("write", count=4),
+            step("loss", nodes=[1], probability=0.2),
+            step("delay", nodes=[1], milliseconds=100, jitter_milliseconds=50),
+            step("kill", node=4),
+            step("write", count=6, writers=[0, 2, 3]),
+            step("watch_views", seconds=6),
+            step("heal"),
+            step("await_rereplication"),
+        ),
+    ),
 )
 
 
@@ -135,6 +184,7 @@ def test_plan_keeps_invariants(runner, plan):
     assert result.crashed == {}, f"nodes exited during {plan.name}: {result.crashed}"
     assert result.unclean_exits == {}, f"stopped nodes exited with non-zero codes: {result.unclean_exits}"
     assert result.views is True, f"member views did not converge: {result.views}"
+    assert result.routing is True, f"routing tables lack online nodes (peers by node): {result.routing}"
     assert result.lost == [], f"acknowledged writes lost or stale: {result.lost}"
     assert result.expired_served == [], f"expired values served: {result.expired_served}"
     assert result.under_replicated == [], f"keys below their replica count: {result.under_replicated}"

@@ -162,3 +162,4 @@ def test_slow_clients_do_not_starve_others(chaos_network, runner):
     assert node.is_running()
     assert result.unclean_exits == {}
     assert result.views is True, result.views
+    assert result.routing is True, result.routing

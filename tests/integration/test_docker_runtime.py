@@ -9,11 +9,13 @@ the tests instead of skipping them.
 
 Tests that must show which engine calls were made give the runtime the Unix socket of
 `EngineRequestRecorder`, a pass-through proxy to the real engine that records each
-request line.
+request line. Closing the recorder and starting it again stands for an engine that
+stops responding and comes back, for the runtime and for the node's `LocalAgent`.
 """
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -23,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +33,8 @@ import docker
 import docker.errors
 import pytest
 
+from voxanode.apps.agent import LocalAgent
+from voxanode.apps.catalogue import INSTANCE_FAILED, INSTANCE_RUNNING, PHASE_DEPLOYING, STATE_ACTIVE, AppRecord, Catalogue
 from voxanode.apps.runtime import (
     LABEL_APP,
     LABEL_APP_NAME,
@@ -44,6 +49,7 @@ from voxanode.apps.runtime import (
     container_name,
     registry_host,
 )
+from voxanode.apps.spec import AppSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-test-image"
@@ -913,3 +919,80 @@ async def test_start_without_engine_returns_false(docker_client):
             assert raised.value.kind == "engine_unavailable"
         finally:
             await runtime.close()
+
+
+async def test_start_pings_again_after_the_engine_was_lost(runtime_factory, engine_recorder, caplog):
+    runtime = await runtime_factory(base_url=engine_recorder.base_url)
+    # Closing the recorder cuts the runtime off the engine, as a stopped dockerd does.
+    await engine_recorder.close()
+
+    with caplog.at_level(logging.DEBUG, logger="voxanode.apps.runtime"):
+        with pytest.raises(DockerRuntimeError) as raised:
+            await runtime.list_own()
+        assert raised.value.kind == "engine_unavailable"
+        assert runtime.available is False
+        for _ in range(3):
+            assert await runtime.start() is False
+        assert await runtime.ping() is False
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "lost the Docker engine" in warnings[0]
+    assert runtime.unavailable_reason
+
+    await engine_recorder.start()
+    assert await runtime.start() is True
+    assert runtime.available is True
+    assert await runtime.list_own() == []
+
+
+async def test_agent_reports_instances_failed_while_engine_lost(runtime_factory, engine_recorder, tmp_path):
+    runtime = await runtime_factory(base_url=engine_recorder.base_url)
+    catalogue = Catalogue(tmp_path / "apps.sqlite3")
+    catalogue.open()
+    report_changes = []
+    agent = LocalAgent(runtime.node_id, catalogue, runtime, HOST_IP, lambda: report_changes.append(True))
+    spec = AppSpec.from_dict({"name": "engine-loss", "image": TEST_IMAGE, "replicas": 1, "ports": [{"container_port": HTTP_PORT}]})
+    now = time.time()
+    record = AppRecord(
+        app_id="app-0123456789ab", name="engine-loss", spec=spec, desired=1, state=STATE_ACTIVE,
+        phase=PHASE_DEPLOYING, assignments={"inst-000000000001": runtime.node_id}, created_at=now,
+        updated_at=now, version=1, writer=runtime.node_id,
+    )
+    try:
+        catalogue.merge_app(record)
+        await agent.converge()
+        assert agent.report().instances["inst-000000000001"].status == INSTANCE_RUNNING
+
+        await engine_recorder.close()
+        await agent.converge()
+        assert runtime.available is False
+        # Until the controller reports the engine lost, a failed listing changes nothing.
+        assert agent.report().instances["inst-000000000001"].status == INSTANCE_RUNNING
+        await agent.engine_lost(runtime.unavailable_reason)
+        lost = agent.report().instances["inst-000000000001"]
+        assert (lost.status, lost.error_kind) == (INSTANCE_FAILED, "engine_unavailable")
+        assert f"the Docker engine of node {runtime.node_id} is not reachable" in lost.error
+        assert report_changes
+
+        # An instance assigned while the engine is away is reported failed at once.
+        grown = replace(
+            record, desired=2, version=2,
+            assignments={**record.assignments, "inst-000000000002": runtime.node_id},
+        )
+        catalogue.merge_app(grown)
+        await agent.converge()
+        added = agent.report().instances["inst-000000000002"]
+        assert (added.status, added.error_kind) == (INSTANCE_FAILED, "engine_unavailable")
+
+        # Here the engine itself kept running, as with live restore: the container is
+        # adopted again. The instance that never started stays failed for the
+        # responsible node to replace.
+        await engine_recorder.start()
+        assert await runtime.start() is True
+        agent.engine_regained()
+        await agent.converge()
+        assert agent.report().instances["inst-000000000001"].status == INSTANCE_RUNNING
+        assert agent.report().instances["inst-000000000002"].status == INSTANCE_FAILED
+    finally:
+        await agent.close()
+        catalogue.close()

@@ -116,3 +116,36 @@ def test_digests_find_what_each_side_lacks(tmp_path):
     assert want_reports == ["node-bbbbbbbbbbbb"]
     with pytest.raises(CatalogueError):
         ours.newer_than({"apps": [], "reports": {}})
+
+
+def test_full_database_keeps_merges_and_saves_them_later(tmp_path, caplog):
+    path = tmp_path / "apps.sqlite3"
+    catalogue = Catalogue(path)
+    catalogue.open()
+    # SQLite answers "database or disk is full" once the file would pass max_page_count,
+    # as it does when the disk itself is full.
+    page_count = catalogue._db.execute("PRAGMA page_count").fetchone()[0]
+    catalogue._db.execute(f"PRAGMA max_page_count = {page_count}")
+    many_instances = {f"inst-{number:012x}": "node-aaaaaaaaaaaa" for number in range(600)}
+
+    with caplog.at_level("WARNING", logger="voxanode.apps.catalogue"):
+        for version in range(1, 4):
+            assert catalogue.merge_app(record(version, phase="running", assignments=many_instances)) is not None
+        assert catalogue.merge_report(report(10)) is True
+
+    assert catalogue.apps["app-0123456789ab"].version == 3
+    assert catalogue.reports["node-bbbbbbbbbbbb"].sequence == 10
+    assert catalogue.unsaved_count == 2
+    warnings = [entry.message for entry in caplog.records if "cannot save app records" in entry.message]
+    assert len(warnings) == 1
+    assert "full" in warnings[0]
+
+    catalogue._db.execute("PRAGMA max_page_count = 1073741823")
+    catalogue.merge_report(report(11))
+    assert catalogue.unsaved_count == 0
+    catalogue.close()
+
+    reopened = Catalogue(path)
+    reopened.open()
+    assert reopened.apps["app-0123456789ab"].version == 3
+    assert reopened.reports["node-bbbbbbbbbbbb"].sequence == 11

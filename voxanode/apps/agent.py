@@ -8,6 +8,12 @@ responsible node replaces them), and stops and removes containers of instances t
 are no longer assigned here. The result is this node's `InstanceReport`, which the
 controller spreads to the other nodes.
 
+While the controller reports the Docker engine lost (`engine_lost()`), every instance
+assigned here is reported failed with kind "engine_unavailable": the node can neither
+see nor start its containers, so the responsible node replaces them elsewhere. Once
+the engine answers again (`engine_regained()`), converging removes the containers of
+instances that moved and adopts those still assigned.
+
 Health checks (HTTP or TCP against the published host port) and Docker stats run in
 their own loops and update the report in place.
 """
@@ -35,7 +41,7 @@ from voxanode.apps.catalogue import (
     InstanceReport,
     InstanceState,
 )
-from voxanode.apps.runtime import ContainerInfo, ContainerRequest, DockerRuntime, DockerRuntimeError
+from voxanode.apps.runtime import ContainerInfo, ContainerRequest, DockerRuntime, DockerRuntimeError, ErrorKind
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +89,8 @@ class LocalAgent:
         self._published_view: dict[str, tuple] = {}
         self._removing: set[str] = set()
         self._removals: set[asyncio.Task] = set()
+        # Why the Docker engine is lost, while the controller reports it lost.
+        self._engine_lost_reason: str | None = None
 
     # -- the report -------------------------------------------------------------------
 
@@ -126,9 +134,48 @@ class LocalAgent:
                     assigned[instance_id] = record
         return assigned
 
+    async def engine_lost(self, reason: str) -> None:
+        """Report every instance assigned here failed until `engine_regained()`."""
+        async with self._lock:
+            self._engine_lost_reason = reason
+            self._report_engine_unavailable()
+
+    def engine_regained(self) -> None:
+        self._engine_lost_reason = None
+
+    def _report_engine_unavailable(self) -> None:
+        """Report the assigned instances that have not failed yet as failed, with kind engine_unavailable."""
+        error = f"the Docker engine of node {self.node_id} is not reachable: {self._engine_lost_reason}"
+        marked = []
+        for instance_id, record in self._assigned().items():
+            held = self._states.get(instance_id)
+            if held is not None and held.status == INSTANCE_FAILED:
+                continue
+            base = held or InstanceState(
+                instance_id=instance_id, app_id=record.app_id, node_id=self.node_id,
+                status=INSTANCE_FAILED, health=HEALTH_UNHEALTHY, created_at=time.time(),
+            )
+            self._states[instance_id] = replace(
+                base, status=INSTANCE_FAILED, health=HEALTH_UNHEALTHY, error=error,
+                error_kind=ErrorKind.ENGINE_UNAVAILABLE.value, exit_code=None,
+            )
+            marked.append(instance_id)
+        if marked:
+            logger.warning(
+                "instances failed with the Docker engine node=%s instances=%s reason=%s",
+                self.node_id, ",".join(sorted(marked)), self._engine_lost_reason,
+            )
+            self._commit()
+
     async def converge(self) -> None:
-        """Start, adopt, mark failed and remove containers until they match the catalogue."""
+        """Start, adopt, mark failed and remove containers until they match the catalogue.
+
+        Without an engine it only reports newly assigned instances failed, while the
+        engine is reported lost.
+        """
         if not self.runtime.available:
+            if self._engine_lost_reason is not None and not self.runtime.closed:
+                self._report_engine_unavailable()
             return
         async with self._lock:
             try:

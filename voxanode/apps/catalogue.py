@@ -240,13 +240,23 @@ class InstanceReport:
 
 
 class Catalogue:
-    """App records and instance reports, in memory and in SQLite."""
+    """App records and instance reports, in memory and in SQLite.
+
+    The memory copy is the one the node works from. A write to SQLite that fails, as
+    on a full disk, is logged and does not undo the merge, because the record is the
+    network's current state either way. The ids whose rows are stale are kept and
+    written again with the next write that succeeds.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.apps: dict[str, AppRecord] = {}
         self.reports: dict[str, InstanceReport] = {}
         self._db: sqlite3.Connection | None = None
+        # Ids whose newest record or report is not in SQLite yet, after a failed write.
+        self._unsaved_apps: set[str] = set()
+        self._unsaved_reports: set[str] = set()
+        self._save_failing = False
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,11 +299,8 @@ class Catalogue:
         if held is not None and held.order >= record.order:
             return None
         self.apps[record.app_id] = record
-        if self._db is not None:
-            self._db.execute(
-                "INSERT OR REPLACE INTO apps (app_id, version, writer, body) VALUES (?, ?, ?, ?)",
-                (record.app_id, record.version, record.writer, json.dumps(record.to_dict())),
-            )
+        self._unsaved_apps.add(record.app_id)
+        self._save_unsaved()
         return held or record
 
     def merge_report(self, report: InstanceReport) -> bool:
@@ -302,12 +309,52 @@ class Catalogue:
         if held is not None and held.sequence >= report.sequence:
             return False
         self.reports[report.node_id] = report
-        if self._db is not None:
-            self._db.execute(
-                "INSERT OR REPLACE INTO reports (node_id, sequence, body) VALUES (?, ?, ?)",
-                (report.node_id, report.sequence, json.dumps(report.to_dict())),
-            )
+        self._unsaved_reports.add(report.node_id)
+        self._save_unsaved()
         return True
+
+    @property
+    def unsaved_count(self) -> int:
+        """Number of records and reports whose newest version a failed write left out of SQLite."""
+        return len(self._unsaved_apps) + len(self._unsaved_reports)
+
+    def _save_unsaved(self) -> None:
+        """Write every record and report not yet in SQLite; on failure keep them for later."""
+        if self._db is None:
+            self._unsaved_apps.clear()
+            self._unsaved_reports.clear()
+            return
+        # Each row is its own autocommitted write, and rewriting a saved row is harmless,
+        # so a failure part way through only leaves the rest for the next attempt.
+        try:
+            for app_id in sorted(self._unsaved_apps):
+                record = self.apps[app_id]
+                self._db.execute(
+                    "INSERT OR REPLACE INTO apps (app_id, version, writer, body) VALUES (?, ?, ?, ?)",
+                    (record.app_id, record.version, record.writer, json.dumps(record.to_dict())),
+                )
+            for node_id in sorted(self._unsaved_reports):
+                report = self.reports[node_id]
+                self._db.execute(
+                    "INSERT OR REPLACE INTO reports (node_id, sequence, body) VALUES (?, ?, ?)",
+                    (report.node_id, report.sequence, json.dumps(report.to_dict())),
+                )
+        except sqlite3.Error as error:
+            if not self._save_failing:
+                logger.warning(
+                    "cannot save app records to %s: %s; %d records and reports are kept in"
+                    " memory and saved once a write succeeds",
+                    self.path,
+                    error,
+                    self.unsaved_count,
+                )
+            self._save_failing = True
+            return
+        if self._save_failing:
+            logger.info("saving app records to %s works again", self.path)
+        self._save_failing = False
+        self._unsaved_apps.clear()
+        self._unsaved_reports.clear()
 
     def digest(self) -> dict[str, Any]:
         """Versions of everything held, for a sync exchange."""

@@ -8,6 +8,11 @@ user asked forwards the request there with a signed call. Because one node write
 each app, two deploys of one name cannot both succeed, and versions do not fork.
 When the responsible node dies, the next closest takes over.
 
+A node offers app deployment only while its Docker engine responds. When the engine
+stops responding, the node withdraws the capability, which membership gossip spreads,
+and reports its instances failed so that they are replaced on other nodes. It pings
+the engine every reconcile interval and offers app deployment again once it responds.
+
 Every node holds the whole catalogue (records and each node's instance report), so
 list and status answer from local state and give the same answer on every node once
 the last change has spread. A periodic digest exchange with a random member repairs
@@ -50,7 +55,7 @@ from voxanode.apps.catalogue import (
 )
 from voxanode.apps.peer_calls import PeerCallError, PeerCalls
 from voxanode.apps.placement import NodeCapacity, PlacementError, choose_extras, place
-from voxanode.apps.runtime import DockerRuntime
+from voxanode.apps.runtime import DockerRuntime, DockerRuntimeError, ErrorKind
 from voxanode.apps.spec import AppSpec
 from voxanode.ingress.proxy import Ingress
 from voxanode.membership.state import Member, MemberStatus
@@ -66,6 +71,8 @@ RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 # Error kinds after which the same node is not tried again for the app.
 NODE_SPECIFIC_FAILURES = ("image_missing", "pull_refused", "registry_not_allowed", "engine_unavailable")
+# Time between attempts to reach a Docker engine that has not responded since the node
+# started. An engine that responded before is tried every reconcile interval.
 ENGINE_RETRY_SECONDS = 30.0
 PUSH_TIMEOUT_SECONDS = 5.0
 STATUS_FETCH_TIMEOUT_SECONDS = 2.0
@@ -109,6 +116,11 @@ class AppController:
         self._retry_after: dict[str, float] = {}
         self._excluded_nodes: dict[str, dict[str, float]] = {}
         self._kept_failures: set[str] = set()
+        # Whether the engine responded at the last attempt; None before the first.
+        self._engine_reachable: bool | None = None
+        self._engine_responded_once = False
+        # Members last seen offering app deployment, to notice when one offers it again.
+        self._offering: set[str] = set()
         self._started_at = time.monotonic()
         self._health_session: aiohttp.ClientSession | None = None
         self.ingress = Ingress(self)
@@ -150,11 +162,41 @@ class AppController:
         await self.runtime.close()
 
     async def _connect_engine(self) -> None:
-        if await self.runtime.start():
-            self._set_capability(True)
+        """Reach the Docker engine, and offer app deployment only while it responds.
+
+        When an engine that responded before stops responding, the local instances are
+        reported failed, so the responsible nodes place them elsewhere.
+        """
+        reachable = await self.runtime.start()
+        if reachable is self._engine_reachable:
+            return
+        first_attempt = self._engine_reachable is None
+        self._engine_reachable = reachable
+        self._set_capability(reachable)
+        if reachable:
+            if not first_attempt:
+                logger.info("Docker engine responds again node=%s", self.node_id)
+            self._engine_responded_once = True
+            self.agent.engine_regained()
+            self._forget_exclusions(self.node_id)
             self._converge_requested.set()
-        else:
-            self._set_capability(False)
+            return
+        if not first_attempt:
+            logger.warning(
+                "Docker engine lost node=%s reason=%s; instances here are reported failed",
+                self.node_id, self.runtime.unavailable_reason,
+            )
+        await self.agent.engine_lost(self.runtime.unavailable_reason)
+
+    def _forget_exclusions(self, node_id: str) -> None:
+        """Let placement use `node_id` again for every app that excluded it.
+
+        Called when the node offers app deployment again: a node whose engine came
+        back, or was replaced, deserves a new try.
+        """
+        cleared = [app_id for app_id, nodes in self._excluded_nodes.items() if nodes.pop(node_id, None) is not None]
+        if cleared:
+            logger.info("node=%s may run instances again apps=%s", node_id, ",".join(sorted(cleared)))
 
     def _set_capability(self, available: bool) -> None:
         membership = self.node.membership
@@ -216,6 +258,11 @@ class AppController:
         """Membership changed: recheck the apps, and share the catalogue with newcomers."""
         self._reconcile_requested.set()
         self.ingress.view_changed()
+        if CAPABILITY not in member.info.capabilities:
+            self._offering.discard(member.node_id)
+        elif member.node_id not in self._offering:
+            self._offering.add(member.node_id)
+            self._forget_exclusions(member.node_id)
         if change.value in ("joined", "rejoined") and member.node_id != self.node_id:
             self._spawn(self._sync_with(member))
 
@@ -663,18 +710,23 @@ class AppController:
         event.clear()
 
     async def _converge_loop(self) -> None:
+        interval = self.settings.apps_reconcile_interval_seconds
         next_engine_try = 0.0
         while not self._stop.is_set():
-            await self._wait(self._converge_requested, self.settings.apps_reconcile_interval_seconds)
-            if not self.runtime.available:
-                if time.monotonic() >= next_engine_try:
-                    next_engine_try = time.monotonic() + ENGINE_RETRY_SECONDS
-                    await self._connect_engine()
+            await self._wait(self._converge_requested, interval)
+            if self.runtime.available:
+                try:
+                    await self.agent.converge()
+                except Exception:  # noqa: BLE001 - one failed pass must not end the loop
+                    logger.exception("converging containers failed node=%s", self.node_id)
+            if self.runtime.available and self._engine_reachable:
                 continue
-            try:
-                await self.agent.converge()
-            except Exception:  # noqa: BLE001 - one failed pass must not end the loop
-                logger.exception("converging containers failed node=%s", self.node_id)
+            # A call just failed to reach the engine (a ping confirms it at once), or
+            # the engine is away and is tried again on schedule.
+            now = time.monotonic()
+            if self._engine_reachable or now >= next_engine_try:
+                next_engine_try = now + (interval if self._engine_responded_once else ENGINE_RETRY_SECONDS)
+                await self._connect_engine()
 
     async def _reconcile_loop(self) -> None:
         while not self._stop.is_set():
@@ -1041,10 +1093,12 @@ class AppController:
         if targets:
             await asyncio.gather(*(fetch(n) for n in targets))
 
-    def local_log_lines(self, instance_id: str, tail: int, follow: bool):
-        """Return an async iterator of one local instance's log lines as dicts.
+    async def local_log_lines(self, instance_id: str, tail: int, follow: bool):
+        """Open the log lines of one local instance; return an async iterator of dicts.
 
-        Raises ApiError 404 at once when the instance has no container here.
+        Raises ApiError 404 when the instance has no container here, and 503 when the
+        Docker engine does not respond or fails, before any line is sent. An engine
+        failure after that ends the iterator early, with a warning in the log.
         """
         state = self.agent.report().instances.get(instance_id)
         if state is None or not state.container_id:
@@ -1052,13 +1106,34 @@ class AppController:
                 404, ErrorCode.RESOURCE_NOT_FOUND, f"instance {instance_id} has no container on this node",
                 {"field": "instance_id"},
             )
-        return self._log_lines(state.container_id, tail, follow)
+        try:
+            await self.runtime.inspect(state.container_id)
+        except DockerRuntimeError as error:
+            if error.kind == ErrorKind.NOT_FOUND:
+                raise ApiError(
+                    404, ErrorCode.RESOURCE_NOT_FOUND, f"instance {instance_id} has no container on this node",
+                    {"field": "instance_id"},
+                ) from error
+            raise ApiError(
+                503,
+                ErrorCode.SERVICE_UNAVAILABLE,
+                f"the logs of instance {instance_id} cannot be read because the Docker engine of node"
+                f" {self.node_id} failed: {error.reason}; try again when the engine responds",
+                {"instance_id": instance_id, "node_id": self.node_id, "kind": error.kind},
+                headers={"Retry-After": "5"},
+            ) from error
+        return self._log_lines(instance_id, state.container_id, tail, follow)
 
-    async def _log_lines(self, container_id: str, tail: int, follow: bool):
+    async def _log_lines(self, instance_id: str, container_id: str, tail: int, follow: bool):
         lines = self.runtime.logs(container_id, tail=tail, follow=follow)
         try:
             async for line in lines:
                 yield {"timestamp": line.timestamp, "stream": line.stream, "message": line.message}
+        except DockerRuntimeError as error:
+            logger.warning(
+                "log stream ended early node=%s instance=%s container=%s kind=%s: %s",
+                self.node_id, instance_id, container_id[:12], error.kind, error.reason,
+            )
         finally:
             await lines.aclose()
 

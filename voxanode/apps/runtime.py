@@ -570,7 +570,9 @@ class DockerRuntime:
     """Starts, lists, inspects, stops and streams the containers of one node.
 
     Call `await start()` first. It returns False when no engine responds, and every other
-    method then raises DockerRuntimeError(kind="engine_unavailable"). `pull_policy` is
+    method then raises DockerRuntimeError(kind="engine_unavailable"). A call that cannot
+    reach the engine makes `available` False until a later call, such as `ping()`,
+    reaches it. `pull_policy` is
     "never", "if-not-present" or "always". `allowed_registries` lists registry hosts
     ("docker.io" for Docker Hub) that pulls may use. An empty list allows none.
     `workers` bounds the threads running SDK calls, and `max_streams` bounds the open
@@ -608,6 +610,10 @@ class DockerRuntime:
         )
         self._client: docker.DockerClient | None = None
         self._engine_reachable = False
+        # Docker's message for the last failure to reach the engine.
+        self.unavailable_reason = "not connected yet"
+        # Whether that failure was logged at warning level; repeats go to debug level.
+        self._unreachable_logged = False
         self._closed = False
         self._calls: set[asyncio.Future[Any]] = set()
         self._pumps: set[StreamPump] = set()
@@ -631,31 +637,68 @@ class DockerRuntime:
         """Whether the engine responded to the last call and the runtime is open."""
         return self._client is not None and self._engine_reachable and not self._closed
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # --- lifecycle ---
 
     async def start(self) -> bool:
-        """Connect to the engine and ping it. Returns False, and logs why, when none responds."""
+        """Connect to the engine and ping it. Returns False, and logs why, when none responds.
+
+        Called again once connected, it only pings the engine, so a caller can tell
+        when an engine that stopped responding is back. The first failure after a
+        success is logged as a warning and the repeats at debug level.
+        """
         if self._closed:
             raise RuntimeError("DockerRuntime.start() called after close()")
         if self._client is not None:
-            return True
+            return await self.ping()
         try:
             self._client = await self._submit(self._connect)
         except (docker.errors.DockerException, requests.RequestException) as error:
-            logger.warning(
-                "Docker engine not reachable for node %s at %s: %s",
-                self.node_id,
-                self.base_url or "the DOCKER_HOST default",
-                short_reason(error),
-            )
+            self._note_unreachable(short_reason(error))
             return False
         self._engine_reachable = True
+        self._unreachable_logged = False
         logger.info(
             "Docker runtime of node %s connected to %s",
             self.node_id,
             self.base_url or "the DOCKER_HOST default",
         )
         return True
+
+    async def ping(self) -> bool:
+        """Ping the engine and return whether it responded; `available` follows the result."""
+        try:
+            client = self._require_client()
+            await self._call(self._ping, client, default_kind=ErrorKind.ENGINE_UNAVAILABLE)
+        except DockerRuntimeError:
+            return False
+        return True
+
+    @staticmethod
+    def _ping(client: docker.DockerClient) -> None:
+        client.ping()
+
+    def _note_unreachable(self, reason: str) -> None:
+        self.unavailable_reason = reason
+        self._engine_reachable = False
+        level = logging.DEBUG if self._unreachable_logged else logging.WARNING
+        self._unreachable_logged = True
+        logger.log(
+            level,
+            "Docker engine not reachable for node %s at %s: %s",
+            self.node_id,
+            self.base_url or "the DOCKER_HOST default",
+            reason,
+        )
+
+    def _note_reachable(self) -> None:
+        if not self._engine_reachable and self._client is not None:
+            logger.info("Docker engine of node %s responds again", self.node_id)
+        self._engine_reachable = True
+        self._unreachable_logged = False
 
     async def close(self) -> None:
         """Close every open stream, wait for running calls, then release the pool and the client.
@@ -777,7 +820,7 @@ class DockerRuntime:
             raise
         except Exception as error:
             raise self._translate(error, ErrorKind.START_FAILED) from error
-        self._engine_reachable = True
+        self._note_reachable()
         info = parse_container_info(attrs)
         logger.info(
             "node %s started container %s for app %s instance %s, ports %s",
@@ -1170,7 +1213,7 @@ class DockerRuntime:
             result = await self._submit(function, *args, **kwargs)
         except Exception as error:
             raise self._translate(error, default_kind) from error
-        self._engine_reachable = True
+        self._note_reachable()
         return result
 
     def _translate(self, error: BaseException, default_kind: ErrorKind) -> DockerRuntimeError:
@@ -1178,5 +1221,6 @@ class DockerRuntime:
         if runtime_error.kind == ErrorKind.ENGINE_UNAVAILABLE:
             if self._engine_reachable:
                 logger.warning("node %s lost the Docker engine: %s", self.node_id, runtime_error.reason)
-            self._engine_reachable = False
+                self._unreachable_logged = True
+            self._note_unreachable(runtime_error.reason)
         return runtime_error

@@ -27,6 +27,7 @@ from aiohttp import WSCloseCode, web
 from voxanode.api.errors import ApiError, ErrorCode, invalid_field
 from voxanode.api.json_body import read_json_object
 from voxanode.api.keys import NODE_KEY, request_id_of
+from voxanode.api.response_headers import prepare_stream
 from voxanode.api.routes import add_get, add_post
 from voxanode.apps.catalogue import APP_PHASES, STATE_ACTIVE
 from voxanode.apps.peer_calls import PeerCallError
@@ -208,7 +209,7 @@ async def app_logs(request: web.Request) -> web.StreamResponse:
     websocket = web.WebSocketResponse(heartbeat=LOG_HEARTBEAT_SECONDS, max_msg_size=4096)
     if not websocket.can_prepare(request).ok:
         raise invalid_field("upgrade", "this route needs a websocket upgrade request", status=400)
-    await websocket.prepare(request)
+    await prepare_stream(request, websocket)
     request_id = request_id_of(request)
     logger.info("log stream opened request=%s app=%s tail=%d follow=%s", request_id, app_id, tail, follow)
     stream = _LogStream(controller, app_id, tail, follow, request_id)
@@ -334,7 +335,8 @@ class _LogStream:
     async def _produce(self, instance_id: str, node_id: str, address, tail: int) -> None:
         try:
             if address is None:
-                async for line in self.controller.local_log_lines(instance_id, tail, self.follow):
+                lines = await self.controller.local_log_lines(instance_id, tail, self.follow)
+                async for line in lines:
                     self._offer(log_message(line, instance_id, node_id))
             else:
                 path = (
@@ -349,5 +351,10 @@ class _LogStream:
                 "log source failed request=%s app=%s instance=%s node=%s: %s",
                 self.request_id, self.app_id, instance_id, node_id, error.reason,
             )
-        except ApiError:
-            pass
+        except ApiError as error:
+            # A 404 is an instance without a container yet; a 503 is an engine that failed.
+            logger.log(
+                logging.WARNING if error.status >= 500 else logging.DEBUG,
+                "log source failed request=%s app=%s instance=%s node=%s: %s",
+                self.request_id, self.app_id, instance_id, node_id, error.message,
+            )

@@ -23,6 +23,7 @@ from aiohttp import web
 from voxanode.api.errors import ApiError, ErrorCode, error_body, invalid_field
 from voxanode.api.internal_auth import RequestVerifier, SignatureError
 from voxanode.api.keys import NODE_KEY, request_id_of
+from voxanode.api.response_headers import prepare_stream
 from voxanode.apps.catalogue import CatalogueError
 
 logger = logging.getLogger(__name__)
@@ -171,9 +172,9 @@ async def _stream_instance_logs(request: web.Request) -> web.StreamResponse:
     except ValueError as error:
         raise invalid_field("tail", "must be an integer") from error
     follow = request.query.get("follow", "true") == "true"
-    lines = apps.local_log_lines(instance_id, max(0, tail), follow)
+    lines = await apps.local_log_lines(instance_id, max(0, tail), follow)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
+    await prepare_stream(request, response)
     try:
         async for line in lines:
             await response.write(json.dumps(line).encode() + b"\n")
