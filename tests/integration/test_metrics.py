@@ -171,9 +171,14 @@ def test_metrics_show_app_instances_and_docker_calls(devnet_factory, test_image)
         assert status == 200, deployed
 
         def running():
+            # The app's phase becomes running with the instance report that follows the
+            # container's start, so the two gauges can differ for a moment.
             samples = scrape(node)
             local = value(samples, "voxanode_app_instances", state="running")
-            return True if local == 1 else f"{local} instances running"
+            phase_running = value(samples, "voxanode_catalogue_apps", phase="running")
+            if local == 1 and phase_running == 1:
+                return True
+            return f"{local} instances running, {phase_running} apps in phase running"
 
         assert wait_for(running, APP_READY_SECONDS) is True
         samples = scrape(node)
