@@ -376,9 +376,17 @@ class EventBus:
                 f" The newest event is {self.last_event_id or 'none yet'}",
                 expired=False,
             )
+        if sequence < self._first_sequence:
+            raise UnknownEventId(
+                since_event_id,
+                f"event {since_event_id} is older than this node's current run, whose event ids"
+                f" start at {self._format_event_id(self._first_sequence)}; only events of the"
+                " current run are replayed. Subscribe without since to receive new events",
+                expired=True,
+            )
         # The replay is complete when `sequence` is at most one below the oldest
         # buffered event, so the id that left the buffer last is still accepted.
-        if sequence < self._first_sequence or sequence < oldest_sequence - 1:
+        if sequence < oldest_sequence - 1:
             raise UnknownEventId(
                 since_event_id,
                 f"event {since_event_id} is no longer buffered: this node keeps the"

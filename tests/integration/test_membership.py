@@ -140,6 +140,9 @@ def test_discover_nodes_filters(network):
         assert field in entry
     for field in ("cpu_percent", "memory_percent", "active_apps"):
         assert field in entry["load"]
+    for listed in body["nodes"]:
+        for field in ("cpu_percent", "memory_percent"):
+            assert listed["load"][field] == round(listed["load"][field], 1), listed
 
     status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/", status="left")
     assert status == 200

@@ -250,6 +250,8 @@ def test_recent_id_from_before_restart():
         second_run.recent(old[-1].event_id)
 
     assert raised.value.expired is True
+    assert "older than this node's current run" in raised.value.message
+    assert "no longer buffered" not in raised.value.message
 
 
 def test_recent_id_never_published():

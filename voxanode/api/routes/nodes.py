@@ -59,8 +59,9 @@ def _describe(member: Member, own_node_id: str) -> dict:
         "status": member.status.value,
         "capabilities": list(info.capabilities),
         "load": {
-            "cpu_percent": load.cpu_percent,
-            "memory_percent": load.memory_percent,
+            # Announcements carry one decimal, but this node's own entry is its unrounded sample.
+            "cpu_percent": round(load.cpu_percent, 1),
+            "memory_percent": round(load.memory_percent, 1),
             "active_apps": load.active_apps,
             "memory_free_mb": load.memory_free_mb,
             "cpu_free_cores": round(load.cpu_free_cores, 2),
