@@ -71,6 +71,7 @@ from voxanode.devnet import (  # noqa: E402
     allocate_free_block,
     node_environment,
 )
+from voxanode.settings import EVENT_LOOPS, SPECS_BY_NAME  # noqa: E402
 
 DEFAULT_DURATION_SECONDS = 10
 DEFAULT_CONNECTIONS = 32
@@ -86,8 +87,8 @@ VOXANODE_ARGS = (
     "--rate-limit-default", RATE_LIMIT,
     "--rate-limit-data", RATE_LIMIT,
 )
-EVENT_LOOPS = ("uvloop", "asyncio")
-DEFAULT_EVENT_LOOP = "uvloop"
+# Both servers run on the node's default event loop unless --event-loop says otherwise.
+DEFAULT_EVENT_LOOP = str(SPECS_BY_NAME["event_loop"].default)
 READ_TOKEN_NAME = "bench"
 WRITE_TOKEN_NAME = "bench-write"
 HEALTH_PATH = "/status/health"

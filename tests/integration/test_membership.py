@@ -171,9 +171,9 @@ def test_healthy_network_has_no_false_suspicions(network):
         assert set(member_view(node).values()) == {"online"}
 
 
-# Gossip rounds every 20 s, probes every 30 s and no push-pull within the test: a
-# member learns of a new node within seconds only through the early gossip round
-# that news about membership starts (at most a quarter interval, 5 s, after the last).
+# Gossip rounds every 20 s, probes every 30 s and no push-pull within the test. So a
+# member learns of a new node within seconds only through the early gossip round that
+# news about membership starts, at most a quarter interval (5 s) after the last round.
 SLOW_GOSSIP_ARGS = (
     "--gossip-interval-seconds", "20",
     "--probe-interval-seconds", "30",

@@ -122,8 +122,8 @@ def test_full_database_keeps_merges_and_saves_them_later(tmp_path, caplog):
     path = tmp_path / "apps.sqlite3"
     catalogue = Catalogue(path)
     catalogue.open()
-    # SQLite answers "database or disk is full" once the file would pass max_page_count,
-    # as it does when the disk itself is full.
+    # SQLite raises "database or disk is full" once the file would pass max_page_count,
+    # the same error as on a full disk.
     page_count = catalogue._db.execute("PRAGMA page_count").fetchone()[0]
     catalogue._db.execute(f"PRAGMA max_page_count = {page_count}")
     many_instances = {f"inst-{number:012x}": "node-aaaaaaaaaaaa" for number in range(600)}

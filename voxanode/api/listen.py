@@ -24,12 +24,7 @@ def bind_api_sockets(settings: Settings) -> list[socket.socket]:
     not resolve and for "api_port" when an address is in use, not local or not allowed.
     """
     host, port = settings.api_host, settings.api_port
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as error:
-        raise BindError("api_host", host, port, error) from error
+    infos = _resolve("api_host", host, port, socket.SOCK_STREAM)
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -57,10 +52,7 @@ def bind_peer_socket(settings: Settings) -> socket.socket:
     "peer_port" when the address is in use, not local or not allowed.
     """
     host, port = settings.peer_host, settings.peer_port
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as error:
-        raise BindError("peer_host", host, port, error) from error
+    infos = _resolve("peer_host", host, port, socket.SOCK_DGRAM)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -72,3 +64,11 @@ def bind_peer_socket(settings: Settings) -> socket.socket:
             raise BindError("peer_port", host, port, error) from error
         raise
     return sock
+
+
+def _resolve(host_setting: str, host: str, port: int, socket_type: int) -> list[tuple]:
+    """Return the addresses to bind for `host`, or raise BindError naming `host_setting`."""
+    try:
+        return socket.getaddrinfo(host or None, port, type=socket_type, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise BindError(host_setting, host, port, error) from error
