@@ -42,6 +42,7 @@ voxanode nodes keep running, and the next run deletes the chain left behind.
 import argparse
 import asyncio
 import atexit
+import compileall
 import contextlib
 import ipaddress
 import json
@@ -71,6 +72,7 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import voxanode
 from voxanode.devnet import (
     AddressBlock,
     Devnet,
@@ -1147,6 +1149,19 @@ def raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def compile_package() -> None:
+    """Write the bytecode cache of the voxanode package, as an installation from a wheel has it.
+
+    The join is timed from the spawn. With PYTHONDONTWRITEBYTECODE set and no cache,
+    a node compiles its modules at every start, which costs about 50 ms here before
+    its first datagram. An installed node does not spend that time.
+    """
+    package_dir = Path(voxanode.__file__).parent
+    if not compileall.compile_dir(package_dir, quiet=1):
+        raise BenchError(f"cannot compile the voxanode package in {package_dir}")
+    print(f"voxanode: bytecode cache of {package_dir} is up to date", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1155,6 +1170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     systems = ["voxanode", "serf"] if args.only == "both" else [args.only]
+    if "voxanode" in systems:
+        compile_package()
     if "serf" in systems:
         serf_version, skip_reason = find_serf(install=not args.no_install)
         if serf_version is None:

@@ -120,7 +120,8 @@ class Identity:
             raise IdentityError(f"a node key already exists at {path}") from None
         finally:
             temporary.unlink(missing_ok=True)
-        logger.info("created node key for %s at %s", identity.node_id, path)
+        # Logging names the node only once the key has loaded; this line names it itself.
+        logger.info("created node key at %s", path, extra={"node_id": identity.node_id})
         return identity
 
     def sign(self, data: bytes) -> bytes:

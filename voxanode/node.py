@@ -574,13 +574,18 @@ class Node:
         addresses = await self._resolve_join_addresses(candidates)
         if not addresses:
             return
-        answers = await asyncio.gather(*(self.protocol.ping_address(addr) for addr in addresses))
-        reached = [node for node in answers if node is not None]
+        # Membership first, with each peer as soon as it replies to the ping. The others
+        # list this node after one exchange, without waiting for an unreachable address.
+        reached = []
+        members = 0
+        for answer in asyncio.as_completed([self.protocol.ping_address(addr) for addr in addresses]):
+            node = await answer
+            if node is not None:
+                reached.append(node)
+                members += await self.membership.join([(node.ip, node.port)])
         if not reached:
             logger.debug("no bootstrap peer responded tried=%d", len(addresses))
             return
-        # Membership first: other nodes list this one as soon as the exchange is done.
-        members = await self.membership.join([(node.ip, node.port) for node in reached])
         crawl = NodeSpiderCrawl(
             self.protocol,
             self.protocol.source_node,

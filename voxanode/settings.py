@@ -846,7 +846,7 @@ class Settings:
         GROUP_MEMBERSHIP,
     )
     load_interval_seconds: float = _setting(
-        5.0,
+        2.0,
         "time between samples of this node's CPU and memory load",
         POSITIVE_SECONDS_RULE,
         GROUP_MEMBERSHIP,

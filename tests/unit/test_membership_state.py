@@ -17,7 +17,7 @@ from voxanode.membership.state import (
     decode_node_info,
     sign_node_info,
 )
-from voxanode.membership.swim import SwimConfig, suspicion_timeout
+from voxanode.membership.swim import AnnouncementBudget, SwimConfig, suspicion_timeout
 
 
 def announcement(identity, incarnation=10, sequence=0, leaving=False, cpu=1.0):
@@ -173,10 +173,19 @@ def test_smooth_load_damps_cpu_spikes():
     assert smoothed.active_apps == 1
 
 
-def test_broadcast_queue_scaled_limit():
+def test_broadcast_queue_transmit_limit():
     queue = BroadcastQueue(retransmit_mult=4)
-    queue.add(b"load", ["load"], 1, limit_scale=0.25)
-    # 30 members: the full limit is 8 sends, a quarter of it 2.
-    assert queue.take(30, 1, 100) == [["load"]]
-    assert queue.take(30, 1, 100) == [["load"]]
-    assert queue.take(30, 1, 100) == []
+    queue.add(b"load", ["load"], 1)
+    # 30 members: ceil(log10(31)) = 2, so 4 * 2 = 8 sends.
+    assert [queue.take(30, 1, 100) for _ in range(9)] == [[["load"]]] * 8 + [[]]
+
+
+def test_announcement_budget_burst_then_refill():
+    budget = AnnouncementBudget(burst=3, refill_seconds=10.0, now=100.0)
+    assert [budget.take(100.0 + i * 0.5) for i in range(4)] == [True, True, True, False]
+    # The budget regains a tenth of an announcement per second.
+    assert budget.take(103.0) is False
+    assert budget.take(111.5) is True
+    assert budget.take(111.6) is False
+    # A long quiet spell refills the budget to the burst size and no further.
+    assert [budget.take(500.0) for _ in range(4)] == [True, True, True, False]

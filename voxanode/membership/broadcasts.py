@@ -21,7 +21,6 @@ class _Queued:
     size_bytes: int
     transmits: int
     order: int
-    limit_scale: float
 
 
 def transmit_limit(retransmit_mult: int, member_count: int) -> int:
@@ -40,16 +39,10 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._queued)
 
-    def add(
-        self, subject_id: bytes, entry: list, size_bytes: int, limit_scale: float = 1.0
-    ) -> None:
-        """Queue an update about `subject_id`, replacing any queued one about it.
-
-        `limit_scale` below 1 sends the update fewer times than `transmit_limit`, for
-        news that may spread more slowly (load figures, as opposed to membership).
-        """
+    def add(self, subject_id: bytes, entry: list, size_bytes: int) -> None:
+        """Queue an update about `subject_id`, replacing any queued one about it."""
         self._counter += 1
-        self._queued[subject_id] = _Queued(entry, size_bytes, 0, self._counter, limit_scale)
+        self._queued[subject_id] = _Queued(entry, size_bytes, 0, self._counter)
 
     def take(self, member_count: int, max_entries: int, max_bytes: int) -> list[list]:
         """Return updates for one message and count them as sent once more."""
@@ -69,6 +62,6 @@ class BroadcastQueue:
             chosen.append(queued.entry)
             used += queued.size_bytes
             queued.transmits += 1
-            if queued.transmits >= max(1, math.ceil(limit * queued.limit_scale)):
+            if queued.transmits >= limit:
                 del self._queued[subject_id]
         return chosen

@@ -66,12 +66,12 @@ MAX_SYNC_PAGES = 64
 MAX_UPDATES_ACCEPTED = 64
 # A load announcement is sent when CPU or memory use moved this many percentage
 # points from the last one, or when the number of apps changed. Apart from app
-# changes, announcements come at most once per this many load samples.
+# changes, a node makes up to LOAD_ANNOUNCE_BURST announcements in a row, then one
+# per LOAD_ANNOUNCE_MIN_SECONDS.
 LOAD_CPU_CHANGE_PERCENT = 20.0
 LOAD_MEMORY_CHANGE_PERCENT = 5.0
-LOAD_ANNOUNCE_MIN_INTERVALS = 4
-# Share of `transmit_limit` for which a member relays another node's load update.
-RELAYED_LOAD_LIMIT_SCALE = 0.25
+LOAD_ANNOUNCE_BURST = 3
+LOAD_ANNOUNCE_MIN_SECONDS = 10.0
 # Share of `gossip_interval` that must pass after a gossip round before news about
 # membership starts the next one early.
 PROMPT_GOSSIP_GAP_FRACTION = 0.25
@@ -99,7 +99,7 @@ class SwimConfig:
     gossip_interval_seconds: float = 0.2
     gossip_fanout: int = 3
     push_pull_interval_seconds: float = 30.0
-    load_interval_seconds: float = 5.0
+    load_interval_seconds: float = 2.0
     forget_after_seconds: float = 3600.0
     leave_wait_seconds: float = 1.0
 
@@ -127,6 +127,31 @@ def suspicion_timeout(config: SwimConfig, member_count: int) -> float:
     """Return how long a suspect member has to refute before it is declared offline."""
     scale = max(1.0, math.log10(max(1, member_count)))
     return config.suspicion_mult * scale * config.probe_interval_seconds
+
+
+class AnnouncementBudget:
+    """A token bucket for load announcements.
+
+    It holds up to `burst` announcements and gains one every `refill_seconds`, so a
+    sudden rise is announced sample by sample as it settles, while a load that keeps
+    moving costs one announcement per refill.
+    """
+
+    def __init__(self, burst: int, refill_seconds: float, now: float):
+        self.burst = burst
+        self.refill_seconds = refill_seconds
+        self._tokens = float(burst)
+        self._updated = now
+
+    def take(self, now: float) -> bool:
+        """Spend one announcement if the budget has one, and return whether it did."""
+        elapsed = max(0.0, now - self._updated)
+        self._tokens = min(self.burst, self._tokens + elapsed / self.refill_seconds)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 class Membership:
@@ -582,12 +607,7 @@ class Membership:
         if change is None:
             return info
 
-        # A load change is forwarded fewer times than a membership change: it is
-        # news about figures, and push-pull digests repair what it misses.
-        scale = RELAYED_LOAD_LIMIT_SCALE if change is Change.UPDATED else 1.0
-        self.broadcasts.add(
-            info.dht_id, [UPDATE_ALIVE, info.encoded], len(info.encoded) + 8, scale
-        )
+        self.broadcasts.add(info.dht_id, [UPDATE_ALIVE, info.encoded], len(info.encoded) + 8)
         self._settle_suspicion(info.dht_id)
         if change is not Change.UPDATED:
             self._gossip_wake.set()
@@ -655,25 +675,24 @@ class Membership:
     async def _load_loop(self) -> None:
         """Sample the load and announce it when it moved noticeably.
 
-        Every announcement is forwarded by every member, so an idle node announces
-        nothing, and a busy one at most once per `LOAD_ANNOUNCE_MIN_INTERVALS` samples.
+        Every member forwards every announcement `transmit_limit` times, so an idle
+        node announces nothing, and announcements that only carry new figures draw on
+        an `AnnouncementBudget`. A change of the app count is announced at once.
         """
-        # The load announced at start comes from psutil's first CPU reading, which is
-        # always 0, so the first real sample may be announced at once.
-        last_sent = -math.inf
+        budget = AnnouncementBudget(LOAD_ANNOUNCE_BURST, LOAD_ANNOUNCE_MIN_SECONDS, time.monotonic())
         smoothed: NodeLoad | None = None
         while not self._stop.is_set():
             await self._sleep(self.config.load_interval_seconds)
             sample = self.sample_load()
+            # The load announced at start comes from psutil's first CPU reading, which
+            # is always 0, so the first real sample is taken as it is.
             load = sample if smoothed is None else smooth_load(smoothed, sample)
             smoothed = load
             if not load_changed(self._own.load, load):
                 continue
-            spacing = LOAD_ANNOUNCE_MIN_INTERVALS * self.config.load_interval_seconds
-            if time.monotonic() - last_sent < spacing and load.active_apps == self._own.load.active_apps:
-                continue
-            self.update_own(load=load)
-            last_sent = time.monotonic()
+            apps_changed = load.active_apps != self._own.load.active_apps
+            if budget.take(time.monotonic()) or apps_changed:
+                self.update_own(load=load)
 
     def update_own(self, **changes: Any) -> None:
         """Announce a change of this node's own details (load, capabilities)."""
