@@ -89,6 +89,7 @@ VOXANODE_ARGS = (
 )
 # Both servers run on the node's default event loop unless --event-loop says otherwise.
 DEFAULT_EVENT_LOOP = str(SPECS_BY_NAME["event_loop"].default)
+NO_MIDDLEWARE_LAUNCHER = Path(__file__).resolve().parent / "node_without_api_middleware.py"
 READ_TOKEN_NAME = "bench"
 WRITE_TOKEN_NAME = "bench-write"
 HEALTH_PATH = "/status/health"
@@ -322,8 +323,12 @@ def create_token(data_dir: Path, scope: str, name: str) -> str:
 
 
 def start_voxanode(block: AddressBlock, base_dir: Path, processes: BenchProcesses,
-                   event_loop: str = DEFAULT_EVENT_LOOP) -> tuple[Devnet, Tokens]:
-    """Create the tokens, then start the one-node devnet and wait until it is ready."""
+                   event_loop: str = DEFAULT_EVENT_LOOP, without_middleware: bool = False) -> tuple[Devnet, Tokens]:
+    """Create the tokens, then start the one-node devnet and wait until it is ready.
+
+    With `without_middleware` the node starts through NO_MIDDLEWARE_LAUNCHER, which
+    removes the API middleware before the daemon runs.
+    """
     devnet = Devnet(
         1,
         base_dir / "voxanode",
@@ -334,6 +339,10 @@ def start_voxanode(block: AddressBlock, base_dir: Path, processes: BenchProcesse
         ready_timeout=READY_TIMEOUT_SECONDS,
     )
     node = devnet.nodes[0]
+    if without_middleware:
+        full_command = node.command
+        # The devnet's argv starts with `python -m voxanode`; the launcher takes the same options.
+        node.command = lambda extra_args=(): [sys.executable, str(NO_MIDDLEWARE_LAUNCHER), *full_command(extra_args)[3:]]
     node.prepare_data_dir()
     tokens = Tokens(
         read=create_token(node.data_dir, "read", READ_TOKEN_NAME),
@@ -614,6 +623,8 @@ def print_report(series: list[Series], args: argparse.Namespace, before: Machine
           f"{args.duration} s per target; {args.event_loop} event loop in both servers; {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, {platform.machine()}")
     print(f"machine at start: {before.describe()}; at end: {after.describe()}")
+    if args.without_api_middleware:
+        print("diagnostic run: the node ran without its API middleware (no auth, rate limit, request ids or statistics)")
     header = (f"{'route':<9} {'server':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} "
               f"{'other cores':>11} {'errors':>6}  req/s per round")
     print(header)
@@ -636,7 +647,8 @@ def print_report(series: list[Series], args: argparse.Namespace, before: Machine
 def write_json(path: Path, series: list[Series], args: argparse.Namespace, before: MachineState, after: MachineState) -> None:
     figures = {
         "duration_seconds": args.duration, "connections": args.connections, "threads": args.threads,
-        "rounds": args.rounds, "event_loop": args.event_loop, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "rounds": args.rounds, "event_loop": args.event_loop, "without_api_middleware": args.without_api_middleware,
+        "cpus": os.cpu_count(), "python": platform.python_version(),
         "machine_before": asdict(before), "machine_after": asdict(after),
         "targets": [
             {
@@ -667,12 +679,16 @@ def run_bench(args: argparse.Namespace, base_dir: Path, processes: BenchProcesse
     """Set both servers up, measure, print the report and return the exit status."""
     node_block, bare_block = pick_blocks()
     print(f"voxanode: starting one node on {node_block.first_address}:{node_block.api_port}", flush=True)
-    devnet, tokens = start_voxanode(node_block, base_dir, processes, args.event_loop)
+    devnet, tokens = start_voxanode(node_block, base_dir, processes, args.event_loop, args.without_api_middleware)
     node = devnet.nodes[0]
 
     key = store_bench_key(node.api_url, tokens)
     replies = capture_replies(node.api_url, key, tokens)
-    check_protections(node.api_url, key, tokens)
+    if args.without_api_middleware:
+        print("voxanode: API middleware removed (diagnostic run): no auth, rate limit, request ids or statistics",
+              flush=True)
+    else:
+        check_protections(node.api_url, key, tokens)
     print(f"bare app: starting on {bare_block.first_address}:{bare_block.api_port}", flush=True)
     bare_url = start_bare(bare_block, replies, base_dir, processes, args.event_loop)
     check_bare_replies(bare_url, key, replies)
@@ -731,13 +747,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         argv,
         "Measure requests per second of a voxanode node's API against a bare aiohttp app, with wrk.",
         "measured rounds; the report shows their medians",
-        add_event_loop_argument,
+        add_api_arguments,
     )
 
 
 def add_event_loop_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP,
                         help="event loop of both servers: the node's default, uvloop, or asyncio (default: %(default)s)")
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    add_event_loop_argument(parser)
+    parser.add_argument("--without-api-middleware", action="store_true",
+                        help="diagnostic: start the node with its API middleware removed, so with no request ids, "
+                             "token check, rate limit or request statistics, to measure what the rest costs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
