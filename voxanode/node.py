@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -52,6 +53,8 @@ PEERS_FILE_NAME = "peers.json"
 PEERS_FILE_VERSION = 1
 MAX_SAVED_PEERS = 64
 PEERS_SAVE_DELAY_SECONDS = 2.0
+# A node that reaches no bootstrap peer warns at once, then at most this often.
+SILENT_JOIN_WARNING_SECONDS = 60.0
 LOOP_STOP_GRACE_SECONDS = 0.5
 # Settings a SIGHUP applies to the running node. The rest take effect after a restart.
 RELOADABLE_SETTINGS = frozenset(
@@ -132,6 +135,7 @@ class Node:
         self.reload_hooks: list[Callable[[Settings], list[str]]] = []
         self._reload_task: asyncio.Task | None = None
         self._reload_pending = False
+        self._silent_join_warned_at = -math.inf
         self.identity = identity
         self.node_id = identity.node_id
         self.bootstrap_peers = tuple(settings.bootstrap_peers)
@@ -228,6 +232,10 @@ class Node:
             self._membership_started = True
             self._start_loop("membership", self._maintain_membership())
             await asyncio.get_running_loop().run_in_executor(None, _import_late_modules)
+            if self._stop_requested.is_set():
+                # SIGTERM came while the modules loaded: stop without ever opening the API.
+                logger.info("stop requested while starting; the node stops before opening its API")
+                return
             self._create_app_controller()
             from voxanode.api.app import start_api
 
@@ -578,14 +586,18 @@ class Node:
         # list this node after one exchange, without waiting for an unreachable address.
         reached = []
         members = 0
-        for answer in asyncio.as_completed([self.protocol.ping_address(addr) for addr in addresses]):
+        pings = {asyncio.ensure_future(self.protocol.ping_address(address)): address for address in addresses}
+        for answer in asyncio.as_completed(pings):
             node = await answer
             if node is not None:
                 reached.append(node)
                 members += await self.membership.join([(node.ip, node.port)])
+        silent = [format_peer_address(*pings[ping]) for ping in pings if ping.result() is None]
         if not reached:
-            logger.debug("no bootstrap peer responded tried=%d", len(addresses))
+            self._warn_no_bootstrap_reply(silent)
             return
+        if silent:
+            logger.info("bootstrap peers did not reply to a ping: %s", ", ".join(silent))
         crawl = NodeSpiderCrawl(
             self.protocol,
             self.protocol.source_node,
@@ -601,6 +613,21 @@ class Node:
             len(self.membership.table) if members else 1,
         )
         self._save_peers()
+
+    def _warn_no_bootstrap_reply(self, silent: list[str]) -> None:
+        """Log that no join address replied: at once, then at most every SILENT_JOIN_WARNING_SECONDS."""
+        now = time.monotonic()
+        if now - self._silent_join_warned_at < SILENT_JOIN_WARNING_SECONDS:
+            logger.debug("no bootstrap peer replied to a ping tried=%d", len(silent))
+            return
+        self._silent_join_warned_at = now
+        logger.warning(
+            "no bootstrap peer replied to a ping: %s; check that these addresses are right,"
+            " that the nodes there run, and that every node uses the same network_key."
+            " The node keeps trying every %.0f s",
+            ", ".join(silent),
+            self.settings.join_retry_seconds,
+        )
 
     def _restore_routing_contacts(self) -> list[str]:
         """Add the online members that the routing table lacks; return their node ids.
@@ -723,9 +750,17 @@ class Node:
         return sum(len(bucket) for bucket in self.protocol.router.buckets)
 
     def peer_stats(self) -> PeerStats:
+        """Return the peer traffic counters, with the members this node reaches as its connected peers.
+
+        The DHT routing table can still hold members that left or failed until a
+        lookup finds them silent, so it would overstate the live peers.
+        """
         if self.protocol is None:
             return PeerStats(0, 0, 0, 0, 0, 0, {})
-        return self.protocol.stats()
+        stats = self.protocol.stats()
+        if self.membership is not None:
+            stats = dataclasses.replace(stats, connected_peers=len(self.membership.table.reachable_others()))
+        return stats
 
     async def ping_peers(self, limit: int = 3) -> list[PingResult]:
         """Ping up to `limit` random known peers; return each reply and its round-trip time."""

@@ -240,7 +240,7 @@ def routing_peers(node) -> int:
     status, body, _ = api_get(node.api_url, "/status/system", timeout=5)
     if status != 200:
         raise AssertionError(f"/status/system on node {node.index} returned {status}: {body}")
-    return body["network_info"]["connected_peers"]
+    return body["network_info"]["routing_table_peers"]
 
 
 def routing_tables_complete(nodes: list) -> bool | dict[int, int]:

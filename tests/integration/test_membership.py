@@ -126,6 +126,10 @@ def _check_views_after_kill_and_stop(network, ids, killed, stopped, survivors):
         view = member_view(node)
         others = {node_id: state for node_id, state in view.items() if node_id not in (ids[killed.index], ids[stopped.index])}
         assert set(others.values()) == {"online"}, view
+        # Connected peers are the members reached now, without the two departed nodes.
+        status, body, _ = api_get(node.api_url, "/status/system")
+        assert status == 200, body
+        assert body["network_info"]["connected_peers"] == len(survivors) - 1, body["network_info"]
 
 
 def test_discover_nodes_filters(network):
@@ -150,6 +154,12 @@ def test_discover_nodes_filters(network):
     status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/", status="sleeping")
     assert status == 400
     assert body["error"]["details"]["field"] == "status"
+    status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/?status=online&status=left")
+    assert status == 400, body
+    assert body["error"]["details"]["field"] == "status"
+    status, body, _ = api_get(network.nodes[0].api_url, "/data/discover_nodes/", capability="STORAGE")
+    assert status == 200, body
+    assert body["total_nodes"] == NODES
 
 
 HEALTHY_RUN_SECONDS = 60
@@ -228,6 +238,25 @@ def test_join_ignores_silent_bootstrap_peer(devnet_factory):
 
     assert wait_for(everyone_lists_newcomer, SILENT_PEER_JOIN_SECONDS) is True
     assert time.monotonic() - started < SILENT_PEER_JOIN_SECONDS
+    # Once its ping times out, the join names the silent address in the log.
+    named = wait_for(lambda: f"did not reply to a ping: {silent_peer}" in newcomer.log_path.read_text(),
+                     SILENT_PEER_RPC_TIMEOUT_SECONDS + 5)
+    assert named is True
+
+
+def test_silent_bootstrap_peers_warning(devnet_factory):
+    network = devnet_factory(1, extra_args=["--rpc-timeout-seconds", "1"])
+    silent_peer = f"{node_address(network.first_address, 2)}:{network.peer_port}"
+    loner = network.add_node(extra_args=["--bootstrap", silent_peer])
+    # The devnet also gives node 0 as a bootstrap peer; stop it so that none replies.
+    network.nodes[0].terminate()
+    assert network.nodes[0].wait_exit(30) == 0
+
+    def warned():
+        lines = [line for line in loner.log_path.read_text().splitlines() if "WARNING" in line]
+        return any("no bootstrap peer replied" in line and silent_peer in line for line in lines) or lines
+
+    assert wait_for(warned, 30) is True
 
 
 def load_seen_by_others(network, subject_id, field: str) -> list[float]:

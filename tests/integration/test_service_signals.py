@@ -1,5 +1,6 @@
 """The daemon as a service: readiness notices, graceful stop and reload on SIGHUP."""
 
+import contextlib
 import json
 import os
 import signal
@@ -191,6 +192,32 @@ def test_sighup_before_start_does_not_kill_the_daemon(tmp_path):
     finally:
         assert stop_daemon(process) == 0
         notify.close()
+
+
+def test_sigterm_while_starting_skips_api(tmp_path):
+    block = allocate_free_block(1)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    process = start_daemon(tmp_path, block.first_address, block.api_port, env={"NOTIFY_SOCKET": str(notify.path)})
+    log_path = tmp_path / "node.log"
+    try:
+        # The peer socket is bound before the late imports, which take a few hundred
+        # milliseconds, and the API opens only after them.
+        assert wait_for(lambda: "peer socket bound" in log_path.read_text(), 30, interval=0.005) is True
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        notices = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                notices.append(notify.receive(timeout=0.1))
+    finally:
+        stop_daemon(process)
+        notify.close()
+
+    assert all(notice.get("READY") != "1" for notice in notices), notices
+    log = log_path.read_text()
+    signalled = log.index("received SIGTERM")
+    assert "API listening" not in log[signalled:], log
+    assert "node started" not in log[signalled:], log
 
 
 @pytest.mark.parametrize("log_format", ["json", "plain"])

@@ -140,6 +140,7 @@ async def test_system_status_values(client, node: FakeNode):
     assert reply["network_info"] == {
         "connected_peers": 3,
         "total_connections": 4,
+        "routing_table_peers": 0,
         "bytes_sent": 1000,
         "bytes_received": 2000,
         "datagrams_sent": 10,

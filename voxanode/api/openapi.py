@@ -244,7 +244,7 @@ OPERATIONS: tuple[Operation, ...] = (
             _query(
                 "capability",
                 {"type": "string", "minLength": 1, "maxLength": MAX_CAPABILITY_CHARS},
-                "only members offering this capability, such as app-deployment",
+                "only members offering this capability, such as app-deployment; case does not matter",
             ),
         ),
     ),

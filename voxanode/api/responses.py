@@ -190,8 +190,8 @@ class DiscoverNodesResponse(_Reply):
 
     success: SuccessTrue
     nodes: list[NodeEntry]
-    total_nodes: Count
-    online_nodes: Count
+    total_nodes: Annotated[int, Meta(ge=0, description="members listed, after the filters")]
+    online_nodes: Annotated[int, Meta(ge=0, description="online members listed, after the filters")]
 
 
 # -- status and info ----------------------------------------------------------------
@@ -238,8 +238,15 @@ class SystemInfo(_Reply):
 class NetworkInfo(_Reply):
     """Peer traffic counters since the node started."""
 
-    connected_peers: Count
-    total_connections: Count
+    connected_peers: Annotated[
+        int, Meta(ge=0, description="other members this node reaches now: online or suspect, not left or failed")
+    ]
+    total_connections: Annotated[
+        int, Meta(ge=0, description="distinct peers that sent this node a datagram since it started")
+    ]
+    routing_table_peers: Annotated[
+        int, Meta(ge=0, description="contacts in the DHT routing table, which may still hold departed nodes")
+    ]
     bytes_sent: Count
     bytes_received: Count
     datagrams_sent: Count

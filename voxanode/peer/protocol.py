@@ -82,7 +82,11 @@ class RecordHolder(Protocol):
 
 @dataclass
 class PeerStats:
-    """Traffic figures of the peer socket since the node started."""
+    """Traffic figures of the peer socket since the node started.
+
+    `connected_peers` counts the routing table's contacts here; the node replaces it
+    with the members it reaches, and `routing_table_peers` keeps the table's size.
+    """
 
     connected_peers: int
     total_connections: int
@@ -92,6 +96,7 @@ class PeerStats:
     datagrams_received: int
     datagrams_dropped: dict[str, int]
     bytes_sent_by_method: dict[str, int] = field(default_factory=dict)
+    routing_table_peers: int = 0
 
 
 @dataclass
@@ -831,8 +836,10 @@ class PeerProtocol(KademliaProtocol):
         return False, "malformed answer"
 
     def stats(self) -> PeerStats:
+        contacts = sum(len(bucket) for bucket in self.router.buckets)
         return PeerStats(
-            connected_peers=sum(len(bucket) for bucket in self.router.buckets),
+            connected_peers=contacts,
+            routing_table_peers=contacts,
             total_connections=len(self._peers_seen),
             bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received,

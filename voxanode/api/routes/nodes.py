@@ -1,7 +1,8 @@
 """The discovery route: `GET /data/discover_nodes/`, the members in this node's view.
 
-Optional query filters: `status` (online, suspect, offline, left) and `capability`.
-The reply lists every member of the local member view, this node included, with the
+Optional query filters, each given at most once: `status` (online, suspect, offline,
+left) and `capability` (matched without regard to case). `total_nodes` and
+`online_nodes` count the members listed after the filters. The reply lists every member of the local member view, this node included, with the
 load it last announced; `address` is the member's API address.
 """
 
@@ -16,6 +17,7 @@ from voxanode.membership.state import Member, MemberStatus
 DISCOVER_PATH = "/data/discover_nodes/"
 STATUS_NAMES = [status.value for status in MemberStatus]
 MAX_CAPABILITY_CHARS = 64
+FILTER_PARAMETERS = ("status", "capability")
 
 
 def add_routes(app: web.Application) -> None:
@@ -25,12 +27,18 @@ def add_routes(app: web.Application) -> None:
 async def discover_nodes(request: web.Request) -> web.Response:
     """Return the local member view, filtered by `status` and `capability` if given."""
     node = request.app[NODE_KEY]
+    for name in FILTER_PARAMETERS:
+        if len(request.query.getall(name, [])) > 1:
+            raise invalid_field(name, "must be given at most once")
     status_filter = request.query.get("status")
     capability = request.query.get("capability")
     if status_filter is not None and status_filter not in STATUS_NAMES:
         raise invalid_field("status", f"must be one of {', '.join(STATUS_NAMES)}")
     if capability is not None and not 0 < len(capability) <= MAX_CAPABILITY_CHARS:
         raise invalid_field("capability", f"must be 1 to {MAX_CAPABILITY_CHARS} characters")
+    if capability is not None:
+        # Capability names are lower case, so APP-DEPLOYMENT finds app-deployment.
+        capability = capability.lower()
 
     members = sorted(node.membership.table.members.values(), key=lambda m: m.node_id)
     shown = [

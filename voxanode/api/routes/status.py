@@ -126,6 +126,7 @@ async def system_status(request: web.Request) -> web.Response:
             "network_info": {
                 "connected_peers": peers.connected_peers,
                 "total_connections": peers.total_connections,
+                "routing_table_peers": peers.routing_table_peers,
                 "bytes_sent": peers.bytes_sent,
                 "bytes_received": peers.bytes_received,
                 "datagrams_sent": peers.datagrams_sent,
