@@ -71,7 +71,6 @@ class EventType(StrEnum):
     NODE_JOINED = "node_joined"
     NODE_LEFT = "node_left"
     NODE_SUSPECTED = "node_suspected"
-    NODE_UPDATED = "node_updated"
     APP_DEPLOYED = "app_deployed"
     APP_FAILED = "app_failed"
     LOAD_REBALANCED = "load_rebalanced"

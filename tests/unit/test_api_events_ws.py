@@ -3,7 +3,10 @@
 import asyncio
 import base64
 import json
+import logging
 import os
+import socket
+import struct
 from pathlib import Path
 
 import aiohttp
@@ -12,14 +15,20 @@ import pytest
 from test_api_fakes import FakeNode, serve_api  # noqa: F401 - fixtures are used by name
 from voxanode.api.app import start_api
 from voxanode.api.routes import events as events_routes
-from voxanode.events import EventBus, EventType
+from voxanode.events import DEFAULT_CLIENT_QUEUE_SIZE, EventBus, EventType
 
 EVENTS_PATH = "/ws/network/events"
 WAIT_SECONDS = 5.0
-SLOW_CLIENT_QUEUE_SIZE = 4
-# Large events fill the socket buffers towards the client that stopped reading.
-SLOW_TEST_PADDING = "x" * 16384
+# The receive buffer of the client that stops reading; Linux raises it to its minimum.
+SMALL_RECEIVE_BUFFER_BYTES = 1024
+# Room for the events that a stopped client has not read, besides its queue. Linux
+# doubles the socket's send buffer but fills it with its bookkeeping too. The write
+# buffer counts twice, for one frame over its limit and the client's receive buffer.
+MAX_UNREAD_BYTES = 2 * events_routes.SEND_BUFFER_BYTES + 2 * events_routes.WRITE_BUFFER_BYTES
+# A test gives up after this many events. Unbounded kernel buffers took about 18,000.
 MAX_SLOW_TEST_EVENTS = 5000
+TEXT_OPCODE = 0x1
+CLOSE_OPCODE = 0x8
 
 
 class EventsNode(FakeNode):
@@ -76,6 +85,95 @@ def publish_joins(bus: EventBus, count: int, **data) -> list:
 
 def ids(events) -> list[str]:
     return [event["event_id"] if isinstance(event, dict) else event.event_id for event in events]
+
+
+class StoppedReader:
+    """A websocket client on a plain socket with a small receive buffer.
+
+    After the handshake it reads nothing until the test calls `read_frame`, like a
+    client that stopped reading.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = bytearray()
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> "StoppedReader":
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER_BYTES)
+        sock.setblocking(False)
+        client = cls(sock)
+        try:
+            await loop.sock_connect(sock, (host, port))
+            headers = "".join(f"{name}: {value}\r\n" for name, value in upgrade_headers().items())
+            request = f"GET {EVENTS_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}\r\n"
+            await loop.sock_sendall(sock, request.encode())
+            async with asyncio.timeout(WAIT_SECONDS):
+                while b"\r\n\r\n" not in client.buffer:
+                    await client._receive()
+        except BaseException:
+            sock.close()
+            raise
+        head, _, rest = bytes(client.buffer).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        client.buffer = bytearray(rest)
+        return client
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        """Return the opcode and payload of the next frame from the server."""
+        header = await self._take(2)
+        length = header[1] & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", await self._take(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", await self._take(8))
+        return header[0] & 0x0F, await self._take(length)
+
+    async def read_until_closed(self) -> int:
+        """Read until the server ends the connection; return the bytes read."""
+        total = 0
+        while data := await asyncio.get_running_loop().sock_recv(self.sock, 65536):
+            total += len(data)
+        return total
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def _take(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            await self._receive()
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+    async def _receive(self) -> None:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        assert data, "the server closed the connection"
+        self.buffer += data
+
+
+async def publish_until_dropped(bus: EventBus, reader) -> list:
+    """Publish member events one at a time until a subscription is dropped.
+
+    `reader`, a client that keeps up, receives each event before the next one is
+    published, which also gives the server time to write to the other sockets.
+    """
+    published = []
+    subscribers = bus.subscriber_count
+    while bus.subscriber_count == subscribers and len(published) < MAX_SLOW_TEST_EVENTS:
+        published += publish_joins(bus, 1, address="127.0.0.3:9999")
+        assert ids(await receive_events(reader, 1)) == ids(published[-1:])
+    assert bus.subscriber_count == subscribers - 1, f"no client dropped after {len(published)} events"
+    return published
+
+
+async def serve_events(node: "EventsNode") -> tuple:
+    """Start the API for `node`; return the runner, its host and port, and a session."""
+    runner = await start_api(node)
+    host, port = runner.addresses[0][:2]
+    return runner, host, port, aiohttp.ClientSession(base_url=f"http://{host}:{port}")
 
 
 # --- streaming ---------------------------------------------------------------------------
@@ -152,91 +250,122 @@ async def test_events_ws_client_close_ends_subscription(client, events_node):
     )
 
 
-async def test_events_ws_slow_client_closed_4008(serve_api, tmp_path):
-    node = EventsNode(tmp_path / "data", client_queue_size=SLOW_CLIENT_QUEUE_SIZE)
-    bus = node.events
-    client = await serve_api(node)
-    slow = await client.ws_connect(EVENTS_PATH)
-    fast = await client.ws_connect(EVENTS_PATH)
-    assert bus.subscriber_count == 2
-
-    # The slow client reads nothing while the fast one takes every event at once,
-    # until the slow client's queue overflows.
-    published = []
-    while bus.subscriber_count == 2 and len(published) < MAX_SLOW_TEST_EVENTS:
-        published += publish_joins(bus, 1, padding=SLOW_TEST_PADDING)
-        assert ids(await receive_events(fast, 1)) == ids(published[-1:])
-    assert bus.subscriber_count == 1, f"no overflow after {len(published)} events"
-
-    later = publish_joins(bus, 3)
-    assert ids(await receive_events(fast, 3)) == ids(later)
-
-    # The slow client now reads the events sent before the close, then the close.
-    slow_ids = []
-    while True:
-        message = await slow.receive(timeout=WAIT_SECONDS)
-        if message.type is not aiohttp.WSMsgType.TEXT:
-            break
-        slow_ids.append(json.loads(message.data)["event_id"])
-
-    assert message.type is aiohttp.WSMsgType.CLOSE
-    assert message.data == 4008
-    assert message.extra == f"client too slow: event queue of {SLOW_CLIENT_QUEUE_SIZE} full"
-    assert slow_ids == ids(published[: len(slow_ids)])
-    assert len(slow_ids) < len(published)
-
-    more = publish_joins(bus, 1)
-    assert ids(await receive_events(fast, 1)) == ids(more)
-    await slow.close()
-    await fast.close()
-
-
-async def test_events_ws_stuck_client_disconnected(tmp_path, monkeypatch):
-    monkeypatch.setattr(events_routes, "CLOSE_TIMEOUT_SECONDS", 0.2)
-    node = EventsNode(tmp_path / "stuck", client_queue_size=SLOW_CLIENT_QUEUE_SIZE)
-    bus = node.events
-    runner = await start_api(node)
-    streams = runner.app[events_routes.EVENT_STREAMS_KEY]
-    host, port = runner.addresses[0][:2]
-    session = aiohttp.ClientSession(base_url=f"http://{host}:{port}")
+async def test_events_ws_stopped_reader_closed_4008(events_node):
+    bus = events_node.events
+    runner, host, port, session = await serve_events(events_node)
+    stopped = None
     try:
-        stuck = await session.ws_connect(EVENTS_PATH)
-        fast = await session.ws_connect(EVENTS_PATH)
-        published = 0
-        while bus.subscriber_count == 2 and published < MAX_SLOW_TEST_EVENTS:
-            publish_joins(bus, 1, padding=SLOW_TEST_PADDING)
-            published += 1
-            await receive_events(fast, 1)
-        assert bus.subscriber_count == 1, f"no overflow after {published} events"
+        stopped = await StoppedReader.connect(host, port)
+        reader = await session.ws_connect(EVENTS_PATH)
+        await wait_until(lambda: bus.subscriber_count == 2, "a client was not subscribed")
 
-        # The stuck client never reads, so neither its queued events nor the close
-        # frame can be sent. The server gives up and drops the connection.
-        await wait_until(
-            lambda: len(streams.open) == 1, "the server kept the stuck client's stream"
+        # Ordinary events, while one client reads nothing and the other reads each one.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        published = await publish_until_dropped(bus, reader)
+        publishing_seconds = loop.time() - started
+
+        # Events went into the socket before the queue filled, but only a bounded number.
+        count, event_bytes = len(published), len(published[0].json_text)
+        assert count > DEFAULT_CLIENT_QUEUE_SIZE
+        assert count <= DEFAULT_CLIENT_QUEUE_SIZE + MAX_UNREAD_BYTES // event_bytes, (
+            f"4008 after {count} events of {event_bytes} bytes"
         )
+        assert publishing_seconds < WAIT_SECONDS
 
-        later = publish_joins(bus, 1)
-        assert ids(await receive_events(fast, 1)) == ids(later)
-        await stuck.close()
-        await fast.close()
+        later = publish_joins(bus, 3)
+        assert ids(await receive_events(reader, 3)) == ids(later)
+
+        # The stopped client now reads: the events sent before the close, then 4008.
+        received = []
+        async with asyncio.timeout(events_routes.CLOSE_TIMEOUT_SECONDS):
+            opcode, payload = await stopped.read_frame()
+            while opcode == TEXT_OPCODE:
+                received.append(json.loads(payload))
+                opcode, payload = await stopped.read_frame()
+
+        assert opcode == CLOSE_OPCODE
+        assert struct.unpack("!H", payload[:2])[0] == events_routes.SLOW_CLIENT_CLOSE_CODE
+        assert payload[2:].decode() == (
+            f"client too slow: event queue of {DEFAULT_CLIENT_QUEUE_SIZE} full"
+        )
+        # Every event up to the one that overflowed the queue, in order.
+        assert ids(received) == ids(published[:-1])
+
+        more = publish_joins(bus, 1)
+        assert ids(await receive_events(reader, 1)) == ids(more)
+        await reader.close()
     finally:
+        if stopped is not None:
+            stopped.close()
         await session.close()
         await runner.cleanup()
 
 
-async def test_events_ws_heartbeat_drops_silent_client(serve_api, events_node, monkeypatch):
+async def test_events_ws_stuck_client_disconnected(events_node, monkeypatch):
+    monkeypatch.setattr(events_routes, "CLOSE_TIMEOUT_SECONDS", 0.2)
+    bus = events_node.events
+    runner, host, port, session = await serve_events(events_node)
+    streams = runner.app[events_routes.EVENT_STREAMS_KEY]
+    stuck = None
+    try:
+        stuck = await StoppedReader.connect(host, port)
+        reader = await session.ws_connect(EVENTS_PATH)
+        await wait_until(lambda: bus.subscriber_count == 2, "a client was not subscribed")
+
+        await publish_until_dropped(bus, reader)
+
+        # The stuck client never reads, so neither its queued events nor the close
+        # frame can be sent. The server gives up and resets the connection, which
+        # also discards what the kernel still held for the client.
+        await wait_until(
+            lambda: len(streams.open) == 1, "the server kept the stuck client's stream"
+        )
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(WAIT_SECONDS):
+                await stuck.read_until_closed()
+
+        later = publish_joins(bus, 1)
+        assert ids(await receive_events(reader, 1)) == ids(later)
+        await reader.close()
+    finally:
+        if stuck is not None:
+            stuck.close()
+        await session.close()
+        await runner.cleanup()
+
+
+async def test_events_ws_heartbeat_drops_silent_client(
+    serve_api, events_node, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger=events_routes.__name__)
     monkeypatch.setattr(events_routes, "HEARTBEAT_SECONDS", 0.2)
     client = await serve_api(events_node)
     # Without autoping the client never replies to the server's pings.
-    websocket = await client.ws_connect(EVENTS_PATH, autoping=False)
+    request_id = "silent-client-1"
+    websocket = await client.ws_connect(
+        EVENTS_PATH, autoping=False, headers={"X-Request-ID": request_id}
+    )
 
     message = await websocket.receive(timeout=WAIT_SECONDS)
     assert message.type is aiohttp.WSMsgType.PING
 
-    await wait_until(
-        lambda: events_node.events.subscriber_count == 0,
-        "the server kept a client that sends no pongs",
-    )
+    def dropped() -> list[str]:
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if record.levelno == logging.INFO and "sent no pong" in record.getMessage()
+        ]
+
+    await wait_until(lambda: dropped(), "the server kept a client that sends no pongs")
+    assert events_node.events.subscriber_count == 0
+    [line] = dropped()
+    assert f"request_id={request_id}" in line
+    assert "remote=127.0.0.1" in line
+    assert "subscription=sub-1" in line
+    # No close frame: the server dropped the connection.
+    message = await websocket.receive(timeout=WAIT_SECONDS)
+    assert message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR), message
     await websocket.close()
 
 

@@ -10,6 +10,7 @@ in an `on_response_prepare` hook spares every request the hook's dispatch.
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from voxanode.api.keys import REQUEST_ID_KEY
 
@@ -41,7 +42,13 @@ def add_api_headers(request: web.BaseRequest, response: web.StreamResponse) -> N
         headers[RESET_HEADER] = str(state.reset_epoch_seconds)
 
 
-async def prepare_stream(request: web.Request, response: web.StreamResponse) -> None:
-    """Set the API headers on a streamed or websocket response, then send its headers."""
+async def prepare_stream(
+    request: web.Request, response: web.StreamResponse
+) -> AbstractStreamWriter | None:
+    """Set the API headers on a streamed or websocket response, then send its headers.
+
+    Returns what `response.prepare` returns: the connection's writer, whose `drain()`
+    waits while the transport's write buffer is above its high-water mark.
+    """
     add_api_headers(request, response)
-    await response.prepare(request)
+    return await response.prepare(request)

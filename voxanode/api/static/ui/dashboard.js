@@ -41,7 +41,7 @@
   const GONE_NODE_STATES = new Set(["offline", "left"]);
   // Failure kinds of a 422 deploy that are about the image, so the error belongs to the Image field.
   const IMAGE_FAILURE_KINDS = new Set(["image_missing", "pull_refused", "registry_not_allowed"]);
-  const NODE_EVENT_TYPES = new Set(["node_joined", "node_left", "node_suspected", "node_updated"]);
+  const NODE_EVENT_TYPES = new Set(["node_joined", "node_left", "node_suspected"]);
   const APP_EVENT_TYPES = new Set(["app_deployed", "app_failed", "load_rebalanced"]);
   const APP_COLOURS = [
     "#2f7fd1", "#d9480f", "#2b8a3e", "#9c36b5", "#e8590c",
