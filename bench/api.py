@@ -716,7 +716,8 @@ def raise_system_exit(signum: int, frame: object) -> None:
 
 
 def parse_wrk_args(argv: Sequence[str] | None, description: str, rounds_help: str,
-                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                   default_duration: int = DEFAULT_DURATION_SECONDS) -> argparse.Namespace:
     """Parse the load options that every wrk bench here takes, and check their bounds.
 
     `add_arguments` adds the options of one bench to the parser.
@@ -724,7 +725,7 @@ def parse_wrk_args(argv: Sequence[str] | None, description: str, rounds_help: st
     parser = argparse.ArgumentParser(description=description)
     if add_arguments is not None:
         add_arguments(parser)
-    parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_SECONDS,
+    parser.add_argument("--duration", type=int, default=default_duration,
                         help="seconds of load per target and round (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
                         help="open connections wrk keeps (default: %(default)s)")

@@ -23,7 +23,10 @@ keeps its connections to the node open.
 The node and wrk are stopped by pid on every exit path that runs Python code (any but
 SIGKILL). The app's containers are removed with `docker rm -f` by the node's label.
 
-    python bench/ingress.py [--duration 10] [--connections 32] [--threads 1] [--rounds 3] [--json FILE]
+Every run starts once the TIME_WAIT sockets of earlier runs are gone (see
+TIME_WAIT_SETTLE_LIMIT), so a full run takes about 15 minutes.
+
+    python bench/ingress.py [--duration 5] [--connections 32] [--threads 1] [--rounds 3] [--json FILE]
 
 Needs `wrk` on PATH (Debian package `wrk`) and a Docker engine with the test image.
 """
@@ -77,6 +80,18 @@ VOXANODE_ARGS = ("--dev", "--log-level", "WARNING", "--apps-reconcile-interval-s
 READY_TIMEOUT_SECONDS = 90.0
 POLL_SECONDS = 0.5
 SCENARIO_REPLICAS = (1, 3)
+# Every request opens and closes a TCP connection (busybox httpd closes after each
+# reply), so each run leaves one socket in TIME_WAIT per request for 60 s, and this
+# machine has 28,232 ephemeral ports. In one test a direct run fell from 2,880 to
+# 2,080 requests a second while about 28,000 sockets waited, as Linux's search for a
+# free local port grew longer. Each run therefore starts once
+# fewer than TIME_WAIT_SETTLE_LIMIT sockets wait, and lasts 5 s by default, so that
+# one run at about 3,500 requests a second stays well inside the port range.
+DEFAULT_DURATION_SECONDS = 5
+TIME_WAIT_SETTLE_LIMIT = 3000
+TIME_WAIT_SETTLE_TIMEOUT_SECONDS = 75.0
+TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+TCP_STATE_TIME_WAIT = "06"
 DOCKER_TIMEOUT_SECONDS = 60
 
 logger = logging.getLogger(__name__)
@@ -152,18 +167,49 @@ def remove_containers(node_id: str | None) -> None:
         subprocess.run(["docker", "rm", "-f", *containers], capture_output=True, timeout=DOCKER_TIMEOUT_SECONDS)
 
 
+def time_wait_sockets() -> int:
+    """Return how many TCP sockets of this network namespace are in TIME_WAIT."""
+    count = 0
+    for table in TCP_TABLES:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        count += sum(1 for line in lines if line.split()[3] == TCP_STATE_TIME_WAIT)
+    return count
+
+
+def settle_connections() -> int:
+    """Wait until fewer than TIME_WAIT_SETTLE_LIMIT sockets are in TIME_WAIT; return the count at the end."""
+    deadline = time.monotonic() + TIME_WAIT_SETTLE_TIMEOUT_SECONDS
+    waiting = time_wait_sockets()
+    while waiting >= TIME_WAIT_SETTLE_LIMIT and time.monotonic() < deadline:
+        time.sleep(1.0)
+        waiting = time_wait_sockets()
+    return waiting
+
+
+def run_settled(url: str, args: argparse.Namespace, duration: int, pid: int, script_path: Path,
+                processes: BenchProcesses):
+    """Run wrk once the sockets of earlier runs have left TIME_WAIT, and print how many remained."""
+    started = time.monotonic()
+    waiting = settle_connections()
+    print(f"  waited {time.monotonic() - started:.0f} s: {waiting} sockets in TIME_WAIT", flush=True)
+    return run_wrk(url, APP_TOKEN, args, duration, pid, script_path, processes)
+
+
 def measure(targets: list[Target], label: str, args: argparse.Namespace, script_path: Path,
             processes: BenchProcesses) -> list[Series]:
     """Warm both targets up, then run the rounds, flipping their order every round."""
     for target in targets:
-        warm = run_wrk(target.url, APP_TOKEN, args, args.warmup, target.pid, script_path, processes)
+        warm = run_settled(target.url, args, args.warmup, target.pid, script_path, processes)
         print(f"{label} warm-up {target.server:<7} {warm.requests_per_second:>8.0f} req/s, {warm.errors} errors",
               flush=True)
     series = [Series(target) for target in targets]
     for round_index in range(args.rounds):
         ordered = series if round_index % 2 == 0 else list(reversed(series))
         for one in ordered:
-            run = run_wrk(one.target.url, APP_TOKEN, args, args.duration, one.target.pid, script_path, processes)
+            run = run_settled(one.target.url, args, args.duration, one.target.pid, script_path, processes)
             one.runs.append(run)
             print(f"{label} round {round_index + 1}/{args.rounds} {one.target.server:<7} "
                   f"{run.requests_per_second:>8.0f} req/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  "
@@ -284,6 +330,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         argv,
         "Measure app traffic through a voxanode node's /proxy/ against the container's port, with wrk.",
         "measured rounds per scenario; the report shows their medians",
+        default_duration=DEFAULT_DURATION_SECONDS,
     )
 
 

@@ -73,6 +73,8 @@ NO_ARGS_IS_HELP_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 DEFAULT_WAIT_TIMEOUT_SECONDS = 120.0
 DEFAULT_LOG_TAIL_LINES = 100
+# The node accepts at most this many lines of history per instance.
+MAX_LOG_TAIL_LINES = 10_000
 DEFAULT_LIST_LIMIT = 50
 # Table width when stdout is not a terminal and COLUMNS is unset. Rich would wrap at 80
 # columns there and split ids over lines; a table only grows as wide as its cells need.
@@ -530,7 +532,8 @@ def app_stop(ctx: click.Context, app_id: str, force: bool, as_json: bool) -> Non
 @app.command("logs")
 @click.option("--app-id", required=True, help="App id, as deploy and list print it.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-@click.option("--tail", type=click.IntRange(min=0), default=DEFAULT_LOG_TAIL_LINES, show_default=True,
+@click.option("--tail", type=click.IntRange(min=0, max=MAX_LOG_TAIL_LINES), default=DEFAULT_LOG_TAIL_LINES,
+              show_default=True,
               help="Lines of history to print first, per instance.")
 @json_option
 @click.pass_context

@@ -25,6 +25,7 @@ from voxanode.api.errors import ApiError
 from voxanode.api.keys import STATS_KEY
 from voxanode.apps.catalogue import (
     HEALTH_HEALTHY,
+    HEALTH_STARTING,
     HEALTH_UNHEALTHY,
     INSTANCE_RUNNING,
     PHASE_RUNNING,
@@ -960,10 +961,21 @@ async def test_proxy_unknown_app_is_404(harness, upstreams):
     assert body["error"]["code"] == "RESOURCE_NOT_FOUND"
 
 
-async def test_proxy_without_instances_is_503(harness, upstreams):
+@pytest.mark.parametrize(
+    "health, message",
+    [
+        (HEALTH_STARTING, "app web has no running, healthy instance on an online node yet; try again shortly"),
+        (
+            HEALTH_UNHEALTHY,
+            f"1 running instance(s) of app web fail their health check; GET /apps/get_app_status/?app_id={APP_ID}"
+            " and the app's logs show why; try again shortly",
+        ),
+    ],
+)
+async def test_proxy_without_instances_is_503(harness, upstreams, health, message):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
-    proxy.set_state("inst-000000000000", upstreams[0].port, health=HEALTH_UNHEALTHY)
+    proxy.set_state("inst-000000000000", upstreams[0].port, health=health)
     proxy.ingress.view_changed()
 
     async with proxy.session.get(proxy.url("/proxy/web/")) as response:
@@ -972,9 +984,7 @@ async def test_proxy_without_instances_is_503(harness, upstreams):
     assert response.status == 503
     assert body["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert response.headers["Retry-After"] == "2"
-    assert body["error"]["message"] == (
-        "app web has no running, healthy instance on an online node yet; try again shortly"
-    )
+    assert body["error"]["message"] == message
     assert upstreams[0].requests == []
     assert proxy.ingress.traffic[APP_ID].errors == 1
 

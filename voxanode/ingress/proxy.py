@@ -66,7 +66,14 @@ from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import request_id_of
 from voxanode.api.ratelimit import RATE_LIMITER_KEY
 from voxanode.api.response_headers import prepare_stream
-from voxanode.apps.catalogue import HEALTH_HEALTHY, INSTANCE_RUNNING, STATE_ACTIVE, STATE_STOPPED, AppRecord
+from voxanode.apps.catalogue import (
+    HEALTH_HEALTHY,
+    HEALTH_UNHEALTHY,
+    INSTANCE_RUNNING,
+    STATE_ACTIVE,
+    STATE_STOPPED,
+    AppRecord,
+)
 from voxanode.ingress.balancer import (
     IDEMPOTENT_METHODS,
     Backend,
@@ -423,17 +430,26 @@ class Ingress:
                 " and POST /apps/add_app/ deploys it again"
             )
         elif ingress_port_of(record) is None:
-            message = f"app {record.name} publishes no TCP port, so it cannot take HTTP traffic"
+            message = (
+                f"app {record.name} publishes no TCP port, so it cannot take HTTP traffic;"
+                " deploy it again with a `ports` entry through POST /apps/add_app/ to serve it"
+            )
         elif record.desired == 0:
             message = (
                 f"app {record.name} is scaled to 0 replicas;"
                 " scale it up with POST /apps/add_scale_app/ to serve it"
             )
         else:
+            failing = self._failing_health_checks(record)
             if rotation.backends:
                 reason = (
                     f"every instance of app {record.name} failed its last connections"
                     " and waits out its circuit breaker cool-down"
+                )
+            elif failing:
+                reason = (
+                    f"{failing} running instance(s) of app {record.name} fail their health check;"
+                    f" GET /apps/get_app_status/?app_id={record.app_id} and the app's logs show why"
                 )
             else:
                 reason = f"app {record.name} has no running, healthy instance on an online node yet"
@@ -442,6 +458,15 @@ class Ingress:
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
         return ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, message, details)
+
+    def _failing_health_checks(self, record: AppRecord) -> int:
+        """Return how many of the app's running instances were last found unhealthy."""
+        failing = 0
+        for instance_id, node_id in record.assignments.items():
+            state = self.controller.instance_state(instance_id, node_id)
+            if state is not None and state.status == INSTANCE_RUNNING and state.health == HEALTH_UNHEALTHY:
+                failing += 1
+        return failing
 
     async def _forward(
         self, request: web.Request, record: AppRecord, path_qs: str, traffic: AppTraffic
