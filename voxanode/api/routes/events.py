@@ -35,10 +35,12 @@ socket's send buffer, set to SEND_BUFFER_BYTES (Linux doubles the value to cover
 bookkeeping and then no longer resizes the buffer), the connection's write buffer,
 where the sender waits while it contains more than WRITE_BUFFER_BYTES, and the
 subscription's queue of `client_queue_size` events (256 by default). The queue fills
-only once both buffers are full, so a client that stops reading is closed with 4008
-after a bounded amount of data, whatever the kernel's buffer settings. Measured on
-loopback with events of about 220 bytes, that happens 600 to 1,500 events after it
-stopped, depending on the size of the client's own receive buffer.
+only once both buffers are full, so the node keeps a bounded amount of data for a
+client that stops reading, whatever its own kernel settings. The client's kernel
+takes events into its receive buffer too, so the count before 4008 depends on that
+buffer: measured on loopback with events of about 220 bytes, about 800 events with an
+8 KiB buffer and 1,500 with a fixed 128 KiB one, and thousands when Linux lets the
+buffer grow.
 
 A client that does not take the close frame within CLOSE_TIMEOUT_SECONDS loses the
 connection without one: the server resets it, discarding the data still unsent.
