@@ -25,7 +25,8 @@ SMALL_RECEIVE_BUFFER_BYTES = 1024
 # doubles the socket's send buffer but fills it with its bookkeeping too. The write
 # buffer counts twice, for one frame over its limit and the client's receive buffer.
 MAX_UNREAD_BYTES = 2 * events_routes.SEND_BUFFER_BYTES + 2 * events_routes.WRITE_BUFFER_BYTES
-# A test gives up after this many events. Unbounded kernel buffers took about 18,000.
+# A test gives up after this many events. Without the bounds on the node's buffers,
+# a client that stopped reading was still open after 30,000 events.
 MAX_SLOW_TEST_EVENTS = 5000
 TEXT_OPCODE = 0x1
 CLOSE_OPCODE = 0x8

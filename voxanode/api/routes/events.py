@@ -19,8 +19,9 @@ A request that cannot become a stream gets the JSON error envelope before the up
 
 The server ignores the text and binary frames that the client sends. When the client
 has sent nothing for HEARTBEAT_SECONDS, the server pings it. If no pong arrives within
-half that time, the server resets the connection without a close frame and logs the
-request id, the client's address and the subscription id. Close codes the server sends:
+half that time, the server drops the connection without a close frame, resetting it
+when events are still unsent, and logs the request id, the client's address and the
+subscription id. Close codes the server sends:
 
 - 1000: reply to the client's own close.
 - 1001: the node is shutting down.
@@ -74,9 +75,9 @@ EVENTS_PATH = "/ws/network/events"
 # does not reply to a ping with a pong within half of it is dropped as dead.
 HEARTBEAT_SECONDS = 20.0
 # Bounds on the unsent data of one stream, described in the module docstring. Without
-# them Linux grows a socket's send buffer up to net.ipv4.tcp_wmem's maximum, often
-# 4 MiB, with room for roughly 18,000 events for a client that stopped reading, so its
-# queue would almost never fill. The send buffer also caps a stream at about its size
+# them Linux grows a socket's send buffer up to net.ipv4.tcp_wmem's maximum (4 MiB on
+# the test machine). That is room for about 19,000 events of 220 bytes, by estimate, so
+# the queue of a client that stopped reading would almost never fill. The send buffer also caps a stream at about its size
 # per round trip, by estimate still over a thousand events a second over a 200 ms path.
 SEND_BUFFER_BYTES = 64 * 1024
 WRITE_BUFFER_BYTES = 16 * 1024

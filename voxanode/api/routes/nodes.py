@@ -1,9 +1,10 @@
 """The discovery route: `GET /data/discover_nodes/`, the members in this node's view.
 
 Optional query filters, each given at most once: `status` (online, suspect, offline,
-left) and `capability` (matched without regard to case). `total_nodes` and
-`online_nodes` count the members listed after the filters. The reply lists every member of the local member view, this node included, with the
-load it last announced; `address` is the member's API address.
+left) and `capability` (matched without regard to case). The reply lists every member
+of the local member view that passes them, this node included, with the load it last
+announced; `address` is the member's API address. `total_nodes` and `online_nodes`
+count the members listed.
 """
 
 from aiohttp import web
