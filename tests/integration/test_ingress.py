@@ -401,7 +401,7 @@ def test_unhealthy_app_gets_503(network):
 
     def stopped_reply():
         reply = api_get(b.api_url, "/proxy/sick/")
-        return reply.body["error"]["details"].get("app_state") == "stopped" or reply
+        return reply.body["error"]["details"].get("app_status") == "stopped" or reply
 
     assert wait_for(stopped_reply, 10) is True
     status, body, headers = api_get(b.api_url, "/proxy/sick/")

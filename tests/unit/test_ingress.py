@@ -29,6 +29,7 @@ from voxanode.apps.catalogue import (
     HEALTH_UNHEALTHY,
     INSTANCE_RUNNING,
     PHASE_RUNNING,
+    PHASE_STOPPED,
     STATE_ACTIVE,
     STATE_FAILED,
     STATE_STOPPED,
@@ -722,7 +723,7 @@ class ProxyHarness:
         instance_ids = [f"inst-{index:012x}" for index in range(len(ports))]
         record = AppRecord(
             app_id=APP_ID, name=APP_NAME, spec=spec, desired=len(ports), state=state,
-            phase=PHASE_RUNNING if state == STATE_ACTIVE else STATE_STOPPED,
+            phase=PHASE_RUNNING if state == STATE_ACTIVE else PHASE_STOPPED,
             assignments={instance_id: NODE_ID for instance_id in instance_ids},
             created_at=time.time(), updated_at=time.time(), version=1, writer=NODE_ID,
         )
@@ -1001,7 +1002,7 @@ async def test_proxy_stopped_app_is_503(harness, upstreams):
     assert body["error"]["message"] == (
         "app web is stopped, so it takes no traffic; deploy it again with POST /apps/add_app/ to serve it"
     )
-    assert body["error"]["details"]["app_state"] == "stopped"
+    assert body["error"]["details"]["app_status"] == "stopped"
     assert "Retry-After" not in response.headers
 
 
@@ -1022,7 +1023,9 @@ async def test_proxy_scaled_to_zero_no_retry(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
     record = proxy.controller.catalogue.apps[APP_ID]
-    proxy.controller.catalogue.apps[APP_ID] = dataclasses.replace(record, desired=0, assignments={})
+    proxy.controller.catalogue.apps[APP_ID] = dataclasses.replace(
+        record, desired=0, assignments={}, phase=PHASE_STOPPED
+    )
     proxy.ingress.view_changed()
 
     async with proxy.session.get(proxy.url("/proxy/web/")) as response:
@@ -1030,6 +1033,8 @@ async def test_proxy_scaled_to_zero_no_retry(harness, upstreams):
 
     assert response.status == 503
     assert "scaled to 0 replicas" in body["error"]["message"]
+    # The same word as get_app_status shows, though the app's lifecycle state stays active.
+    assert body["error"]["details"]["app_status"] == "stopped"
     assert "Retry-After" not in response.headers
 
 

@@ -414,7 +414,8 @@ class Ingress:
         """
         details = {
             "app_id": record.app_id,
-            "app_state": record.state,
+            # The app's status as get_app_status shows it: stopped once scaled to 0.
+            "app_status": record.phase,
             "instances_in_rotation": len(rotation.backends),
         }
         if record.state == STATE_STOPPED:
