@@ -81,7 +81,7 @@ from voxanode.ingress.balancer import (
     Rotation,
     Target,
 )
-from voxanode.ingress.headers import WEBSOCKET_HANDSHAKE_HEADERS, add_forwarded, end_to_end
+from voxanode.ingress.headers import WEBSOCKET_HANDSHAKE_HEADERS, add_forwarded, drop_hop_by_hop, end_to_end
 from voxanode.ingress.traffic import AppTraffic, TrafficError, TrafficSnapshot, merge_traffic, status_metrics
 from voxanode.ingress.upstream import (
     HEAD_METHOD,
@@ -543,9 +543,10 @@ class Ingress:
         self, request: web.Request, rotation: Rotation, backend: Backend, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         """Stream the instance's response to the client, then release the backend."""
-        response = _RelayedResponse(
-            status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream.headers)
-        )
+        response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
+        headers = response.headers
+        headers.extend(upstream.headers)
+        drop_hop_by_hop(headers)
         self._record_reply(rotation, backend, upstream.status)
         try:
             await prepare_stream(request, response)

@@ -229,7 +229,7 @@ class UpstreamClient:
     request body. Time spent waiting on the caller (its request body stream, or
     consuming the reply while the buffer is full) does not count. Each (host, port)
     keeps at most `max_idle_per_origin` idle connections, each for at most
-    `idle_timeout` seconds.
+    `idle_timeout` seconds. A client serves one event loop: that of its first request.
     """
 
     def __init__(
@@ -245,6 +245,9 @@ class UpstreamClient:
         self.idle_timeout = idle_timeout
         self.closed = False
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        # The event loop of the first request, which every later request must share.
+        # Kept because asyncio.get_running_loop() makes a getpid system call each time.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def idle_connections(self, host: str, port: int) -> int:
         """Return how many idle connections to host:port the pool contains."""
@@ -306,11 +309,25 @@ class UpstreamClient:
                 connection.abort()
 
     async def _connect(self, host: str, port: int) -> "_Connection":
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        # What asyncio.timeout does, without its calls of get_running_loop(): a timer
+        # cancels this task, and the cancellation it caused becomes a timeout.
+        task = asyncio.current_task(loop)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = loop.call_later(self.connect_timeout, expire)
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(lambda: _Connection(self, host, port), host, port)
-        except TimeoutError as error:
+            _, connection = await loop.create_connection(lambda: _Connection(self, loop, host, port), host, port)
+        except asyncio.CancelledError as error:
+            if not expired or task.uncancel() > 0:
+                raise
             logger.debug("connecting to %s:%d timed out after %ss", host, port, self.connect_timeout)
             raise UpstreamConnectError(f"connecting timed out after {self.connect_timeout}s", timed_out=True) from error
         except OSError as error:
@@ -321,6 +338,11 @@ class UpstreamClient:
             else:
                 reason = os.strerror(error.errno) if error.errno else type(error).__name__
             raise UpstreamConnectError(f"connecting failed: {reason}") from error
+        finally:
+            timer.cancel()
+        if expired:
+            # The timer fired after the connection was made: withdraw its cancellation.
+            task.uncancel()
         return connection
 
     def _pop_idle(self, host: str, port: int) -> "_Connection | None":
@@ -350,10 +372,10 @@ class UpstreamClient:
 class _Connection(asyncio.Protocol):
     """One connection to an instance and the state of the exchange running on it."""
 
-    def __init__(self, client: UpstreamClient, host: str, port: int):
+    def __init__(self, client: UpstreamClient, loop: asyncio.AbstractEventLoop, host: str, port: int):
         self.client = client
         self.origin = (host, port)
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         # The leniencies of aiohttp's response parser (3.14) that keep the field
@@ -554,7 +576,9 @@ class _Connection(asyncio.Protocol):
         declared_length: int | None,
     ) -> UpstreamResponse:
         """Send one request on this connection and return the reply once its header section is read."""
-        self._reset_exchange()
+        if self.exchanges:
+            # A new connection starts with the state that __init__ set.
+            self._reset_exchange()
         self.active = True
         self.exchanges += 1
         self.method = method
