@@ -1,17 +1,15 @@
 """`/ws/network/events` over a real aiohttp server on 127.0.0.1, fed by a real EventBus."""
 
 import asyncio
-import base64
 import json
 import logging
-import os
-import socket
 import struct
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from stopped_reader import CLOSE_OPCODE, TEXT_OPCODE, StoppedReader, upgrade_headers
 from test_api_fakes import FakeNode, serve_api  # noqa: F401 - fixtures are used by name
 from voxanode.api.app import start_api
 from voxanode.api.routes import events as events_routes
@@ -19,8 +17,6 @@ from voxanode.events import DEFAULT_CLIENT_QUEUE_SIZE, EventBus, EventType
 
 EVENTS_PATH = "/ws/network/events"
 WAIT_SECONDS = 5.0
-# The receive buffer of the client that stops reading; Linux raises it to its minimum.
-SMALL_RECEIVE_BUFFER_BYTES = 1024
 # Room for the events that a stopped client has not read, besides its queue. Linux
 # doubles the socket's send buffer but fills it with its bookkeeping too. The write
 # buffer counts twice, for one frame over its limit and the client's receive buffer.
@@ -28,8 +24,6 @@ MAX_UNREAD_BYTES = 2 * events_routes.SEND_BUFFER_BYTES + 2 * events_routes.WRITE
 # A test gives up after this many events. Without the bounds on the node's buffers,
 # a client that stopped reading was still open after 30,000 events.
 MAX_SLOW_TEST_EVENTS = 5000
-TEXT_OPCODE = 0x1
-CLOSE_OPCODE = 0x8
 
 
 class EventsNode(FakeNode):
@@ -48,15 +42,6 @@ def events_node(tmp_path: Path) -> EventsNode:
 @pytest.fixture
 async def client(serve_api, events_node: EventsNode) -> aiohttp.ClientSession:
     return await serve_api(events_node)
-
-
-def upgrade_headers() -> dict[str, str]:
-    return {
-        "Connection": "Upgrade",
-        "Upgrade": "websocket",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }
 
 
 async def wait_until(predicate, message: str) -> None:
@@ -86,73 +71,6 @@ def publish_joins(bus: EventBus, count: int, **data) -> list:
 
 def ids(events) -> list[str]:
     return [event["event_id"] if isinstance(event, dict) else event.event_id for event in events]
-
-
-class StoppedReader:
-    """A websocket client on a plain socket with a small receive buffer.
-
-    After the handshake it reads nothing until the test calls `read_frame`, like a
-    client that stopped reading.
-    """
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buffer = bytearray()
-
-    @classmethod
-    async def connect(cls, host: str, port: int) -> "StoppedReader":
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER_BYTES)
-        sock.setblocking(False)
-        client = cls(sock)
-        try:
-            await loop.sock_connect(sock, (host, port))
-            headers = "".join(f"{name}: {value}\r\n" for name, value in upgrade_headers().items())
-            request = f"GET {EVENTS_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}\r\n"
-            await loop.sock_sendall(sock, request.encode())
-            async with asyncio.timeout(WAIT_SECONDS):
-                while b"\r\n\r\n" not in client.buffer:
-                    await client._receive()
-        except BaseException:
-            sock.close()
-            raise
-        head, _, rest = bytes(client.buffer).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        client.buffer = bytearray(rest)
-        return client
-
-    async def read_frame(self) -> tuple[int, bytes]:
-        """Return the opcode and payload of the next frame from the server."""
-        header = await self._take(2)
-        length = header[1] & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", await self._take(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", await self._take(8))
-        return header[0] & 0x0F, await self._take(length)
-
-    async def read_until_closed(self) -> int:
-        """Read until the server ends the connection; return the bytes read."""
-        total = 0
-        while data := await asyncio.get_running_loop().sock_recv(self.sock, 65536):
-            total += len(data)
-        return total
-
-    def close(self) -> None:
-        self.sock.close()
-
-    async def _take(self, count: int) -> bytes:
-        while len(self.buffer) < count:
-            await self._receive()
-        data = bytes(self.buffer[:count])
-        del self.buffer[:count]
-        return data
-
-    async def _receive(self) -> None:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
-        assert data, "the server closed the connection"
-        self.buffer += data
 
 
 async def publish_until_dropped(bus: EventBus, reader) -> list:
@@ -256,7 +174,7 @@ async def test_events_ws_stopped_reader_closed_4008(events_node):
     runner, host, port, session = await serve_events(events_node)
     stopped = None
     try:
-        stopped = await StoppedReader.connect(host, port)
+        stopped = await StoppedReader.connect(host, port, EVENTS_PATH)
         reader = await session.ws_connect(EVENTS_PATH)
         await wait_until(lambda: bus.subscriber_count == 2, "a client was not subscribed")
 
@@ -310,7 +228,7 @@ async def test_events_ws_stuck_client_disconnected(events_node, monkeypatch):
     streams = runner.app[events_routes.EVENT_STREAMS_KEY]
     stuck = None
     try:
-        stuck = await StoppedReader.connect(host, port)
+        stuck = await StoppedReader.connect(host, port, EVENTS_PATH)
         reader = await session.ws_connect(EVENTS_PATH)
         await wait_until(lambda: bus.subscriber_count == 2, "a client was not subscribed")
 

@@ -23,12 +23,14 @@ import re
 from typing import Any
 
 from aiohttp import WSCloseCode, web
+from aiohttp.abc import AbstractStreamWriter
 
 from voxanode.api.errors import ApiError, ErrorCode, invalid_field
 from voxanode.api.json_body import read_json_object
 from voxanode.api.keys import NODE_KEY, request_id_of
 from voxanode.api.response_headers import prepare_stream
 from voxanode.api.routes import add_get, add_post
+from voxanode.api.routes.events import abort_connection, bound_unsent_data
 from voxanode.apps.catalogue import APP_PHASES, STATE_ACTIVE
 from voxanode.apps.peer_calls import PeerCallError
 from voxanode.apps.spec import SpecLimits, check_scale_replicas, parse_app_spec
@@ -209,22 +211,26 @@ async def app_logs(request: web.Request) -> web.StreamResponse:
     websocket = web.WebSocketResponse(heartbeat=LOG_HEARTBEAT_SECONDS, max_msg_size=4096)
     if not websocket.can_prepare(request).ok:
         raise invalid_field("upgrade", "this route needs a websocket upgrade request", status=400)
-    await prepare_stream(request, websocket)
+    # The same bounds as the event stream: a client that stops reading fills the
+    # queue of LOG_CLIENT_QUEUE_LINES instead of the node's memory, and gets 4008.
+    bound_unsent_data(request)
+    writer = await prepare_stream(request, websocket)
+    assert writer is not None, "a prepared websocket has a writer"
     request_id = request_id_of(request)
     logger.info("log stream opened request=%s app=%s tail=%d follow=%s", request_id, app_id, tail, follow)
     stream = _LogStream(controller, app_id, tail, follow, request_id)
     streams = request.app[LOG_STREAMS_KEY]
     streams.add(stream)
     try:
-        code, reason = await stream.run(websocket)
+        code, reason = await stream.run(websocket, writer)
     finally:
         streams.discard(stream)
     if not websocket.closed:
         try:
             await asyncio.wait_for(websocket.close(code=code, message=reason.encode()), 5)
         except TimeoutError:
-            if request.transport is not None:
-                request.transport.abort()
+            # A client that does not read keeps the close frame behind the unsent lines.
+            abort_connection(request)
     logger.info("log stream closed request=%s app=%s code=%s reason=%s", request_id, app_id, code, reason)
     return websocket
 
@@ -250,8 +256,8 @@ class _LogStream:
         self.shutting_down = asyncio.Event()
         self.history: list[dict] = []
 
-    async def run(self, websocket: web.WebSocketResponse) -> tuple[int, str]:
-        sender = asyncio.create_task(self._send(websocket))
+    async def run(self, websocket: web.WebSocketResponse, writer: AbstractStreamWriter) -> tuple[int, str]:
+        sender = asyncio.create_task(self._send(websocket, writer))
         reader = asyncio.create_task(self._read(websocket))
         watcher = asyncio.create_task(self._watch())
         overflow = asyncio.create_task(self.overflowed.wait())
@@ -276,12 +282,15 @@ class _LogStream:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _send(self, websocket: web.WebSocketResponse) -> None:
+    async def _send(self, websocket: web.WebSocketResponse, writer: AbstractStreamWriter) -> None:
         while True:
             message = await self.queue.get()
             if message is None:
                 return
             await websocket.send_str(json.dumps(message))
+            # send_str waits for the transport only after 256 KiB of output (aiohttp
+            # 3.14), so without this wait lines would pile up in the write buffer.
+            await writer.drain()
 
     async def _read(self, websocket: web.WebSocketResponse) -> None:
         async for _ in websocket:

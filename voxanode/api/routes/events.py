@@ -136,7 +136,7 @@ async def network_events(request: web.Request) -> web.StreamResponse:
         raise _upgrade_required_error()
 
     try:
-        _bound_unsent_data(request)
+        bound_unsent_data(request)
         writer = await prepare_stream(request, websocket)
         assert writer is not None, "a prepared websocket has a writer"
         streams.open[websocket] = request
@@ -163,7 +163,7 @@ async def network_events(request: web.Request) -> web.StreamResponse:
         )
         # aiohttp only closed the transport, which keeps the connection open until its
         # buffered events are sent, and a client that sends no pongs reads none of them.
-        _abort_connection(request)
+        abort_connection(request)
 
     logger.debug(
         "event stream closed request_id=%s subscription=%s sent_close_code=%s"
@@ -204,10 +204,10 @@ async def close_socket(
             request.remote,
             code,
         )
-        _abort_connection(request)
+        abort_connection(request)
 
 
-def _abort_connection(request: web.Request) -> None:
+def abort_connection(request: web.Request) -> None:
     """Drop the connection at once, discarding the data that the client has not taken.
 
     A plain abort only closes the socket: the kernel keeps the data that a client
@@ -342,11 +342,11 @@ async def _close_slow_client(
     await close_socket(request, websocket, SLOW_CLIENT_CLOSE_CODE, reason)
 
 
-def _bound_unsent_data(request: web.Request) -> None:
-    """Set the connection's send buffer and write buffer limit for an event stream.
+def bound_unsent_data(request: web.Request) -> None:
+    """Set the connection's send buffer and write buffer limit for a websocket stream.
 
-    See SEND_BUFFER_BYTES. The connection is not reused after the websocket, so the
-    limits end with it.
+    See SEND_BUFFER_BYTES. The event and log streams call it before the upgrade. The
+    connection is not reused after the websocket, so the limits end with it.
     """
     transport = request.transport
     if transport is None:
@@ -359,7 +359,7 @@ def _bound_unsent_data(request: web.Request) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     except OSError as error:
         logger.warning(
-            "setting the send buffer of an event stream failed, so a client that stops"
+            "setting the send buffer of a websocket stream failed, so a client that stops"
             " reading gets 4008 only after more data request_id=%s remote=%s error=%s",
             request_id_of(request),
             request.remote,
