@@ -49,6 +49,8 @@ MAX_LIST_LIMIT = 500
 DEFAULT_LOG_TAIL = 100
 MAX_LOG_TAIL = 10_000
 LOG_CLIENT_QUEUE_LINES = 2000
+# Time for the close handshake of a log stream; after it the connection is reset.
+LOG_CLOSE_TIMEOUT_SECONDS = 5.0
 # Most lines of history one follow=false request collects before sorting them.
 MAX_HISTORY_LINES = 200_000
 LOG_SOURCE_POLL_SECONDS = 1.0
@@ -227,9 +229,14 @@ async def app_logs(request: web.Request) -> web.StreamResponse:
         streams.discard(stream)
     if not websocket.closed:
         try:
-            await asyncio.wait_for(websocket.close(code=code, message=reason.encode()), 5)
+            await asyncio.wait_for(websocket.close(code=code, message=reason.encode()), LOG_CLOSE_TIMEOUT_SECONDS)
         except TimeoutError:
             # A client that does not read keeps the close frame behind the unsent lines.
+            abort_connection(request)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            # Not this handler's cancellation: a cancelled wait inside aiohttp's close.
             abort_connection(request)
     logger.info("log stream closed request=%s app=%s code=%s reason=%s", request_id, app_id, code, reason)
     return websocket
@@ -290,7 +297,9 @@ class _LogStream:
             await websocket.send_str(json.dumps(message))
             # send_str waits for the transport only after 256 KiB of output (aiohttp
             # 3.14), so without this wait lines would pile up in the write buffer.
-            await writer.drain()
+            # Shielded: aiohttp 3.14 shares one drain future per connection, and
+            # cancelling this task must not cancel it under the close that follows.
+            await asyncio.shield(writer.drain())
 
     async def _read(self, websocket: web.WebSocketResponse) -> None:
         async for _ in websocket:
