@@ -607,7 +607,7 @@ class Node:
         )
         await crawl.find()
         logger.info(
-            "joined the network through %d bootstrap peers, %d peers known, %d members",
+            "joined the network bootstrap_peers_reached=%d peers_known=%d members=%d",
             len(reached),
             self.connected_peer_count(),
             len(self.membership.table) if members else 1,
