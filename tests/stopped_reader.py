@@ -14,6 +14,7 @@ CLOSE_OPCODE = 0x8
 
 
 def upgrade_headers() -> dict[str, str]:
+    """Return the header fields of a websocket upgrade request, with a fresh key."""
     return {
         "Connection": "Upgrade",
         "Upgrade": "websocket",
@@ -35,6 +36,7 @@ class StoppedReader:
 
     @classmethod
     async def connect(cls, host: str, port: int, path: str) -> "StoppedReader":
+        """Open a websocket to `path` on host:port and return the client once the server accepted it."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER_BYTES)

@@ -284,7 +284,7 @@ def test_logs_stream_lines_the_containers_print(network):
     stop(a, app_id, force=True)
 
 
-def test_logs_stream_closes_a_client_that_stops_reading(network):
+def test_logs_stopped_reader_closed_4008(network):
     a = network.nodes[0]
     line = "flood " + "x" * 60
     command = ["sh", "-c", f"while true; do echo {line}; done"]

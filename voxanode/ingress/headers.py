@@ -54,9 +54,9 @@ def end_to_end(
 
     Repeated fields keep their order. `also_drop` takes lower-case names.
     """
-    kept = CIMultiDict(headers)
-    drop_hop_by_hop(kept, also_drop)
-    return kept
+    filtered = CIMultiDict(headers)
+    drop_hop_by_hop(filtered, also_drop)
+    return filtered
 
 
 def drop_hop_by_hop(headers: CIMultiDict[str], also_drop: Iterable[str] = ()) -> None:

@@ -49,7 +49,7 @@ MAX_LIST_LIMIT = 500
 DEFAULT_LOG_TAIL = 100
 MAX_LOG_TAIL = 10_000
 LOG_CLIENT_QUEUE_LINES = 2000
-# Time for the close handshake of a log stream; after it the connection is reset.
+# Seconds a log stream waits for its close handshake before it resets the connection.
 LOG_CLOSE_TIMEOUT_SECONDS = 5.0
 # Most lines of history one follow=false request collects before sorting them.
 MAX_HISTORY_LINES = 200_000
@@ -224,7 +224,7 @@ async def app_logs(request: web.Request) -> web.StreamResponse:
     streams = request.app[LOG_STREAMS_KEY]
     streams.add(stream)
     try:
-        code, reason = await stream.run(websocket, writer)
+        code, reason = await stream.run(websocket, writer, request.transport)
     finally:
         streams.discard(stream)
     if not websocket.closed:
@@ -236,7 +236,10 @@ async def app_logs(request: web.Request) -> web.StreamResponse:
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise
-            # Not this handler's cancellation: a cancelled wait inside aiohttp's close.
+            # Not this handler's cancellation, so a wait inside aiohttp's close was cancelled.
+            logger.warning(
+                "closing log stream failed, resetting the connection request=%s app=%s code=%s", request_id, app_id, code
+            )
             abort_connection(request)
     logger.info("log stream closed request=%s app=%s code=%s reason=%s", request_id, app_id, code, reason)
     return websocket
@@ -263,8 +266,10 @@ class _LogStream:
         self.shutting_down = asyncio.Event()
         self.history: list[dict] = []
 
-    async def run(self, websocket: web.WebSocketResponse, writer: AbstractStreamWriter) -> tuple[int, str]:
-        sender = asyncio.create_task(self._send(websocket, writer))
+    async def run(
+        self, websocket: web.WebSocketResponse, writer: AbstractStreamWriter, transport: asyncio.Transport | None
+    ) -> tuple[int, str]:
+        sender = asyncio.create_task(self._send(websocket, writer, transport))
         reader = asyncio.create_task(self._read(websocket))
         watcher = asyncio.create_task(self._watch())
         overflow = asyncio.create_task(self.overflowed.wait())
@@ -289,7 +294,9 @@ class _LogStream:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _send(self, websocket: web.WebSocketResponse, writer: AbstractStreamWriter) -> None:
+    async def _send(
+        self, websocket: web.WebSocketResponse, writer: AbstractStreamWriter, transport: asyncio.Transport | None
+    ) -> None:
         while True:
             message = await self.queue.get()
             if message is None:
@@ -297,9 +304,10 @@ class _LogStream:
             await websocket.send_str(json.dumps(message))
             # send_str waits for the transport only after 256 KiB of output (aiohttp
             # 3.14), so without this wait lines would pile up in the write buffer.
-            # Shielded: aiohttp 3.14 shares one drain future per connection, and
-            # cancelling this task must not cancel it under the close that follows.
-            await asyncio.shield(writer.drain())
+            if transport is not None and transport.get_write_buffer_size():
+                # aiohttp 3.14 shares one drain future per connection. The shield keeps
+                # a cancellation of this task from cancelling it under the later close.
+                await asyncio.shield(writer.drain())
 
     async def _read(self, websocket: web.WebSocketResponse) -> None:
         async for _ in websocket:
