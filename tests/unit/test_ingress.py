@@ -15,6 +15,7 @@ import tracemalloc
 from types import SimpleNamespace
 
 import aiohttp
+import limits
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -39,6 +40,7 @@ from voxanode.apps.catalogue import (
 )
 from voxanode.apps.spec import INGRESS_STRATEGIES, AppSpec, SpecLimits, parse_app_spec
 from voxanode.events import EventBus
+from voxanode.ingress.front import parse_plain_request
 from voxanode.ingress.balancer import (
     STRATEGIES,
     Backend,
@@ -75,6 +77,7 @@ BIG_CHUNK_BYTES = 64 * 1024
 STREAM_PEAK_LIMIT_BYTES = 8 * 1024 * 1024
 UPLOAD_BYTES = 20 * 1024 * 1024
 SLOW_BODY_SECONDS = 1.0
+CHUNKED_PARTS = (b"first part, ", b"second part, ", b"last part")
 
 
 # --- the balancer ---------------------------------------------------------------------
@@ -533,6 +536,7 @@ class Upstream:
         app.router.add_get("/gateway", self.gateway)
         app.router.add_get("/cut", self.cut)
         app.router.add_get("/slow", self.slow)
+        app.router.add_get("/chunked", self.chunked)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -583,6 +587,17 @@ class Upstream:
         await response.prepare(request)
         await asyncio.sleep(SLOW_BODY_SECONDS)
         await response.write(b"late")
+        await response.write_eof()
+        return response
+
+    async def chunked(self, request: web.Request) -> web.StreamResponse:
+        """Send CHUNKED_PARTS as a chunked body, with no Content-Length."""
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in CHUNKED_PARTS:
+            await response.write(part)
+            await asyncio.sleep(0.01)
         await response.write_eof()
         return response
 
@@ -1482,3 +1497,240 @@ async def test_metrics_families_of_ingress(harness, upstreams):
     assert count == [3.0]
     circuits = {s.labels["state"]: s.value for s in families["voxanode_ingress_circuits"].samples}
     assert circuits == {"closed": 1.0, "open": 1.0, "half_open": 0.0}
+
+
+# --- the lean front of the API port ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "app_key", "path_qs"),
+    [
+        (b"GET /proxy/web/a/b%20c?x=1 HTTP/1.1\r\nHost: n", "web", "/a/b%20c?x=1"),
+        (b"HEAD /proxy/web HTTP/1.1\r\nHost: n", "web", "/"),
+        (b"GET /proxy/web?q=2 HTTP/1.1", "web", "/?q=2"),
+        (b"GET /proxy/app-0123456789ab/ HTTP/1.1\r\nContent-Length: 0", "app-0123456789ab", "/"),
+        (b"GET /proxy/w%65b/x HTTP/1.1\r\nX-A:  spaced \t", "web", "/x"),
+    ],
+)
+def test_front_parses_plain_request(head, app_key, path_qs):
+    request = parse_plain_request(head, "127.0.0.1")
+
+    assert (request.app_key, request.path_qs, request.keep_alive) == (app_key, path_qs, True)
+    assert request.request_id.startswith("req-")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /proxy/web/ HTTP/1.1",
+        b"get /proxy/web/ HTTP/1.1",
+        b"GET /proxy/web/ HTTP/1.0",
+        b"GET http://n/proxy/web/ HTTP/1.1",
+        b"GET /status/health/ HTTP/1.1",
+        b"GET /proxy/ HTTP/1.1",
+        b"GET /proxy/web/../status/ HTTP/1.1",
+        b"GET /proxy/web/./x HTTP/1.1",
+        b"GET /proxy/web/x#frag HTTP/1.1",
+        b"GET /proxy/web/  HTTP/1.1",
+        b"GET /proxy/web/ HTTP/1.1\r\nContent-Length: 3",
+        b"GET /proxy/web/ HTTP/1.1\r\nTransfer-Encoding: chunked",
+        b"GET /proxy/web/ HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
+        b"GET /proxy/web/ HTTP/1.1\r\nExpect: 100-continue",
+        b"GET /proxy/web/ HTTP/1.1\r\nX-A: 1\r\n folded",
+        b"GET /proxy/web/ HTTP/1.1\r\nBad Name: 1",
+        b"GET /proxy/web/ HTTP/1.1\r\nX-A: a\x00b",
+    ],
+)
+def test_front_leaves_other_requests_to_aiohttp(head):
+    assert parse_plain_request(head, "127.0.0.1") is None
+
+
+def test_front_request_id_and_connection_close():
+    kept = parse_plain_request(b"GET /proxy/web/ HTTP/1.1\r\nX-Request-ID: mine-1\r\nConnection: close", None)
+    replaced = parse_plain_request(b"GET /proxy/web/ HTTP/1.1\r\nX-Request-ID: not valid!", None)
+
+    assert (kept.request_id, kept.keep_alive) == ("mine-1", False)
+    assert replaced.request_id.startswith("req-")
+
+
+@pytest.mark.parametrize(
+    ("host", "app_key"),
+    [("web", "web"), ("Web.example.org:8080", "web"), ("127.0.0.1:80", None), ("[::1]", None), (".x", None)],
+)
+def test_front_host_routed_app(host, app_key):
+    request = parse_plain_request(b"GET /a?b HTTP/1.1\r\nHost: " + host.encode(), None, host_routed=True)
+
+    assert (request.app_key if request else None) == app_key
+    if request is not None:
+        assert request.path_qs == "/a?b"
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict, bytes]:
+    """Read one HTTP/1.1 reply: status, headers and the body, sized or chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = CIMultiDict(line.split(": ", 1) for line in lines[1:] if line)
+    if headers.get("Transfer-Encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            body += await reader.readexactly(size + 2)
+            body = body[:-2]
+            if size == 0:
+                return status, headers, body
+    return status, headers, await reader.readexactly(int(headers.get("Content-Length", "0")))
+
+
+async def open_raw(proxy: "ProxyHarness") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = proxy.runner.addresses[0][:2]
+    return await asyncio.open_connection(host, port)
+
+
+async def test_front_serves_pipelined_requests_in_order(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(
+        b"GET /proxy/web/one HTTP/1.1\r\nHost: n\r\nX-Request-ID: first\r\n\r\n"
+        b"HEAD /proxy/web/two HTTP/1.1\r\nHost: n\r\n\r\n"
+        b"GET /proxy/web/three HTTP/1.1\r\nHost: n\r\n\r\n"
+    )
+    first = await read_reply(reader)
+    head = await reader.readuntil(b"\r\n\r\n")
+    third = await read_reply(reader)
+    writer.close()
+
+    assert first[0] == 200
+    assert first[1]["X-Request-ID"] == "first"
+    assert json.loads(first[2])["path_qs"] == "/one"
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert json.loads(third[2])["path_qs"] == "/three"
+    assert [seen["path_qs"] for seen in upstreams[0].requests] == ["/one", "/two", "/three"]
+    sent = CIMultiDict(upstreams[0].requests[0]["headers"])
+    assert sent["X-Forwarded-For"] == "127.0.0.1"
+    assert sent["X-Forwarded-Host"] == "n"
+    assert proxy.ingress.traffic[APP_ID].requests == 3
+
+
+async def test_front_hands_connection_to_api_mid_stream(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(
+        b"GET /proxy/web/one HTTP/1.1\r\nHost: n\r\n\r\n"
+        b"GET /no/such/route HTTP/1.1\r\nHost: n\r\n\r\n"
+        b"POST /proxy/web/two HTTP/1.1\r\nHost: n\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /proxy/web/three HTTP/1.1\r\nHost: n\r\n\r\n"
+    )
+    replies = [await read_reply(reader) for _ in range(4)]
+    writer.close()
+
+    # aiohttp and the API middleware serve the API route: without a token it gets 401.
+    assert [status for status, _, _ in replies] == [200, 401, 200, 200]
+    assert json.loads(replies[1][2])["success"] is False
+    assert [(seen["method"], seen["path_qs"]) for seen in upstreams[0].requests] == [
+        ("GET", "/one"), ("POST", "/two"), ("GET", "/three"),
+    ]
+    assert upstreams[0].requests[1]["body_bytes"] == 3
+
+
+async def test_front_leaves_bare_lf_head_to_aiohttp(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/web/lf HTTP/1.1\nHost: n\n\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    writer.close()
+
+    # aiohttp's parser decides: it serves the request or rejects it, and never waits.
+    assert head.split(b" ")[1] in (b"200", b"400")
+
+
+async def test_front_relays_chunked_reply(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/web/chunked HTTP/1.1\r\nHost: n\r\n\r\n")
+    status, headers, body = await read_reply(reader)
+    writer.write(b"GET /proxy/web/after HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n")
+    after = await read_reply(reader)
+    closed = await asyncio.wait_for(reader.read(), 5.0)
+    writer.close()
+
+    assert (status, headers["Transfer-Encoding"], body) == (200, "chunked", b"".join(CHUNKED_PARTS))
+    assert "Content-Length" not in headers
+    assert after[0] == 200
+    assert after[1]["Connection"] == "close"
+    assert closed == b""
+
+
+async def test_front_error_envelope_on_lean_path(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/nothing/x HTTP/1.1\r\nHost: n\r\nX-Request-ID: r-404\r\n\r\n")
+    status, headers, body = await read_reply(reader)
+    writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: n\r\n\r\n")
+    after = await read_reply(reader)
+    writer.close()
+
+    envelope = json.loads(body)
+    assert status == 404
+    assert headers["Content-Type"] == "application/json; charset=utf-8"
+    assert headers["X-Request-ID"] == envelope["request_id"] == "r-404"
+    assert envelope["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert after[0] == 200
+
+
+async def test_front_rate_limited_ingress_takes_api_stack(harness, upstreams):
+    proxy = await harness(rate_limit_ingress=limits.parse("2/minute"))
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    replies = []
+    for _ in range(3):
+        writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: n\r\n\r\n")
+        replies.append(await read_reply(reader))
+    writer.close()
+
+    assert [status for status, _, _ in replies] == [200, 200, 429]
+    assert [headers["X-RateLimit-Remaining"] for _, headers, _ in replies] == ["1", "0", "0"]
+    assert json.loads(replies[2][2])["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+
+
+async def test_front_client_leaving_releases_instance(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/web/big HTTP/1.1\r\nHost: n\r\n\r\n")
+    await reader.readexactly(256 * 1024)
+    writer.transport.abort()
+    backend = proxy.ingress.rotations[APP_ID].backends[0]
+
+    await wait_until(lambda: backend.in_flight == 0)
+    assert proxy.ingress.traffic[APP_ID].requests == 1
+    async with proxy.session.get(proxy.url("/proxy/web/again")) as response:
+        assert response.status == 200
+
+
+async def test_front_closes_idle_connection_on_stop(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+    writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: n\r\n\r\n")
+    assert (await read_reply(reader))[0] == 200
+
+    started = time.monotonic()
+    await proxy.runner.cleanup()
+
+    assert await asyncio.wait_for(reader.read(), 5.0) == b""
+    assert time.monotonic() - started < 2.0
+    writer.close()
+    proxy.runner = await start_api(proxy.node)

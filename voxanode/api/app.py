@@ -14,6 +14,7 @@ from voxanode.api.auth import AUTHENTICATOR_KEY, setup_auth
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
 from voxanode.api.middlewares import MIDDLEWARES
 from voxanode.api.ratelimit import RATE_LIMITER_KEY, setup_rate_limits
+from voxanode.ingress.front import FrontSite
 from voxanode.api.routes import (
     apps,
     connectivity,
@@ -80,16 +81,23 @@ async def start_api(node: ApiNode, sockets: list[socket.socket] | None = None) -
     settings = node.settings
     if sockets is None:
         sockets = bind_api_sockets(settings)
+    app = create_app(node)
     runner = web.AppRunner(
-        create_app(node),
+        app,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout_seconds,
     )
     try:
         await runner.setup()
+        # App traffic takes the lean front when the node runs an app controller.
+        ingress = getattr(getattr(node, "apps", None), "ingress", None)
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            if ingress is not None:
+                site: web.BaseSite = FrontSite(runner, sock, ingress, app, settings.shutdown_timeout_seconds)
+            else:
+                site = web.SockSite(runner, sock)
+            await site.start()
     except BaseException:
         await runner.cleanup()
         for sock in sockets:

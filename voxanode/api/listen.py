@@ -23,7 +23,15 @@ def bind_api_sockets(settings: Settings) -> list[socket.socket]:
     stops the node before it joins. Raises BindError for "api_host" when the name does
     not resolve and for "api_port" when an address is in use, not local or not allowed.
     """
-    host, port = settings.api_host, settings.api_port
+    return bind_stream_sockets(settings.api_host, settings.api_port, "api_port")
+
+
+def bind_stream_sockets(host: str, port: int, port_setting: str) -> list[socket.socket]:
+    """Bind listening TCP sockets on every address of `host`, as `bind_api_sockets` does.
+
+    Raises BindError for "api_host" when the name does not resolve and for
+    `port_setting` when an address is in use, not local or not allowed.
+    """
     infos = _resolve("api_host", host, port, socket.SOCK_STREAM)
     sockets: list[socket.socket] = []
     try:
@@ -40,7 +48,7 @@ def bind_api_sockets(settings: Settings) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         if error.errno in BIND_ERRNOS:
-            raise BindError("api_port", host, port, error) from error
+            raise BindError(port_setting, host, port, error) from error
         raise
     return sockets
 

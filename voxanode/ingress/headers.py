@@ -6,6 +6,7 @@ Transfer-Encoding, Upgrade) before forwarding a message. `Trailer` is removed to
 because the proxy does not forward trailer fields, so announcing them would mislead.
 """
 
+import ipaddress
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -94,3 +95,25 @@ def add_forwarded(
         headers[FORWARDED_PROTO] = scheme
     if host and not (trusted_peer and FORWARDED_HOST in headers):
         headers[FORWARDED_HOST] = host
+
+
+def host_app_key(host: str) -> str | None:
+    """Return the app that a Host header of the ingress port names: its first label, lower case.
+
+    Returns None for an IP address (app names start with a letter) and an empty name.
+    """
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if is_ip_literal(name):
+        return None
+    return name.split(".", 1)[0].lower() or None
+
+
+def is_ip_literal(name: str) -> bool:
+    """Return whether a Host name (port removed) is an IPv4 address or a bracketed IPv6 one."""
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

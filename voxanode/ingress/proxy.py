@@ -1,9 +1,10 @@
 """The ingress of one node: forwards app traffic to healthy instances, wherever they run.
 
 `Ingress.handle` serves the `/proxy/{app}/...` routes and the host-routed listener of
-`ingress_port`. It finds the app by name or id in the catalogue, picks an instance
-from the app's `Rotation` (see `voxanode.ingress.balancer`), and forwards the request
-to the instance's published port (the `host_ip` and host port of its report) with
+`ingress_port`, and `Ingress.forward_plain` the plain GET and HEAD requests that the
+lean front of those ports parses itself (see `voxanode.ingress.front`). It finds the
+app by name or id in the catalogue, picks an instance from the app's `Rotation` (see
+`voxanode.ingress.balancer`), and forwards the request to the instance's published port (the `host_ip` and host port of its report) with
 `UpstreamClient` (see `voxanode.ingress.upstream`), which keeps idle keep-alive
 connections per instance. Bodies stream both ways in chunks, so memory stays bounded
 whatever their size. Hop-by-hop headers are dropped and X-Forwarded-For, -Proto and
@@ -60,12 +61,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import request_id_of
 from voxanode.api.ratelimit import RATE_LIMITER_KEY
-from voxanode.api.response_headers import prepare_stream
+from voxanode.api.response_headers import REQUEST_ID_HEADER, prepare_stream
 from voxanode.apps.catalogue import (
     HEALTH_HEALTHY,
     HEALTH_UNHEALTHY,
@@ -81,6 +83,7 @@ from voxanode.ingress.balancer import (
     Rotation,
     Target,
 )
+from voxanode.ingress.front import BODILESS_STATUSES, FrontSite, http_date, reply_head
 from voxanode.ingress.headers import WEBSOCKET_HANDSHAKE_HEADERS, add_forwarded, drop_hop_by_hop, end_to_end
 from voxanode.ingress.traffic import AppTraffic, TrafficError, TrafficSnapshot, merge_traffic, status_metrics
 from voxanode.ingress.upstream import (
@@ -110,6 +113,8 @@ UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 # Headers aiohttp's client would otherwise add to every websocket handshake.
 SKIPPED_CLIENT_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 EVENT_REASON = "ingress_rotation"
+# How long the host-routed listener waits for replies under way when it closes.
+HOST_SHUTDOWN_SECONDS = 2.0
 # Request headers that the proxy handles itself: aiohttp's server sends the interim
 # "100 Continue" to the client, so the instance must not be asked for another.
 REQUEST_ONLY_HEADERS = frozenset({"expect"})
@@ -216,6 +221,7 @@ class Ingress:
     async def _start_host_listener(self) -> None:
         # Imported here: the API modules import this package's callers.
         from voxanode.api.keys import NODE_KEY, STATS_KEY
+        from voxanode.api.listen import bind_stream_sockets
         from voxanode.api.middlewares import build_api_middleware
         from voxanode.api.ratelimit import count_request, setup_rate_limits
         from voxanode.api.routes.proxy import HOST_ROUTE, proxy_by_host
@@ -226,13 +232,18 @@ class Ingress:
         app[STATS_KEY] = RequestStats()
         setup_rate_limits(app, self.settings)
         app.router.add_route("*", HOST_ROUTE, proxy_by_host)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HOST_SHUTDOWN_SECONDS)
         await runner.setup()
         host, port = self.settings.api_host, self.settings.ingress_port
+        sockets: list = []
         try:
-            await web.TCPSite(runner, host, port).start()
+            sockets = bind_stream_sockets(host, port, "ingress_port")
+            for sock in sockets:
+                await FrontSite(runner, sock, self, app, HOST_SHUTDOWN_SECONDS, host_routed=True).start()
         except OSError:
             await runner.cleanup()
+            for sock in sockets:
+                sock.close()
             raise
         self._host_runner = runner
         logger.info("app ingress listening on http://%s:%d node=%s", host, port, self.node_id)
@@ -384,6 +395,89 @@ class Ingress:
         finally:
             traffic.record(status, (time.perf_counter() - started) * 1000)
 
+    async def forward_plain(self, client: Any, request: Any) -> None:
+        """Forward a request of the lean path (`voxanode.ingress.front`) and write its reply.
+
+        `request` is a `PlainRequest`: GET or HEAD, without a body. `client` is its
+        connection, with `write`, `drain`, `abort` and the API's rate `limiter`. Raises ApiError, before any
+        byte of a reply is written, for a reply that the proxy makes itself.
+        """
+        started = time.perf_counter()
+        if self._stale:
+            self.refresh()
+        record = self._resolve(request.app_key)
+        traffic = self.traffic.get(record.app_id)
+        if traffic is None:
+            traffic = self.traffic[record.app_id] = AppTraffic()
+        status = CLIENT_CLOSED_STATUS
+        try:
+            rotation = self._rotation_of(record)
+            headers = end_to_end(request.headers, HEAD_DROPPED_HEADERS)
+            limiter = client.limiter
+            peer, trusted = request.client, False
+            if limiter is not None and peer:
+                peer, trusted = limiter.peer_of(peer)
+            add_forwarded(headers, peer, "http", headers.get("Host"), trusted)
+            backend, upstream = await self._attempts(
+                rotation, record, request.method, request.path_qs, headers, None, traffic, request.request_id
+            )
+            status = upstream.status
+            await self._relay_plain(client, request, rotation, backend, upstream)
+        except ApiError as error:
+            status = error.status
+            raise
+        finally:
+            traffic.record(status, (time.perf_counter() - started) * 1000)
+
+    async def _relay_plain(
+        self, client: Any, request: Any, rotation: Rotation, backend: Backend, upstream: UpstreamResponse
+    ) -> None:
+        """Write the instance's reply to a lean path client, then release the backend."""
+        headers = CIMultiDict(upstream.headers)
+        drop_hop_by_hop(headers)
+        headers[REQUEST_ID_HEADER] = request.request_id
+        if "Date" not in headers:
+            headers["Date"] = http_date.now()
+        if not request.keep_alive:
+            headers["Connection"] = "close"
+        self._record_reply(rotation, backend, upstream.status)
+        status = upstream.status
+        try:
+            if request.method == HEAD_METHOD or status in BODILESS_STATUSES or status < 200:
+                client.write(reply_head(status, upstream.reason, headers))
+                return
+            body = upstream.take_complete_body()
+            if body is not None:
+                # The whole body has arrived, so it goes out with the headers in one send.
+                headers["Content-Length"] = str(len(body))
+                client.write(reply_head(status, upstream.reason, headers) + body)
+                return
+            sized = "Content-Length" in headers
+            if not sized:
+                headers["Transfer-Encoding"] = "chunked"
+            client.write(reply_head(status, upstream.reason, headers))
+            async for chunk in upstream.iter_chunks():
+                if not chunk:
+                    continue
+                client.write(chunk if sized else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await client.drain()
+            if not sized:
+                client.write(b"0\r\n\r\n")
+        except (ConnectionError, asyncio.CancelledError):
+            upstream.close()
+            raise
+        except UpstreamBodyError as error:
+            logger.warning(
+                "instance failed mid-response app=%s instance=%s request=%s: %s",
+                rotation.app_id, backend.instance_id, request.request_id, error,
+            )
+            self._failed(rotation, backend)
+            client.abort()
+            raise ConnectionResetError("the instance failed mid-response") from error
+        finally:
+            backend.in_flight -= 1
+            upstream.release()
+
     def _request_headers(self, request: web.Request, drop: frozenset[str] = frozenset()):
         headers = end_to_end(request.headers, drop)
         limiter = request.app.get(RATE_LIMITER_KEY)
@@ -477,14 +571,40 @@ class Ingress:
         is_head = method == HEAD_METHOD
         # A HEAD goes without a body: its content has no defined meaning (RFC 9110 9.3.2).
         body = request.content if request.body_exists and not is_head else None
-        retries_left = self.settings.ingress_retries if method in IDEMPOTENT_METHODS else 0
         headers = self._request_headers(request, HEAD_DROPPED_HEADERS if is_head else REQUEST_ONLY_HEADERS)
+        try:
+            backend, upstream = await self._attempts(
+                rotation, record, method, path_qs, headers, body, traffic, request_id_of(request)
+            )
+        except ConnectionError:
+            # The client's request body raised it because the client went away,
+            # so no reply can reach it. aiohttp drops a reply to a closed connection.
+            return web.Response(status=CLIENT_CLOSED_STATUS)
+        return await self._relay(request, rotation, backend, upstream)
+
+    async def _attempts(
+        self,
+        rotation: Rotation,
+        record: AppRecord,
+        method: str,
+        path_qs: str,
+        headers,
+        body,
+        traffic: AppTraffic,
+        request_id: str | None,
+    ) -> tuple[Backend, UpstreamResponse]:
+        """Send the request to instances of the rotation until one replies; return it.
+
+        Raises ApiError when none did, and ConnectionError when the client's request
+        body failed because the client went away.
+        """
+        retries_left = self.settings.ingress_retries if method in IDEMPOTENT_METHODS else 0
         tried: tuple[Backend, ...] = ()
         last: _ConnectFailed | None = None
         while True:
             backend = self._pick(rotation, record, tried, last)
             try:
-                upstream = await self._send(backend, method, path_qs, headers, body)
+                return backend, await self._send(backend, method, path_qs, headers, body)
             except _ConnectFailed as failure:
                 traffic.upstream_failures += 1
                 if failure.breaker_failure:
@@ -497,24 +617,20 @@ class Ingress:
                     retries_left -= 1
                     logger.debug(
                         "retrying on another instance app=%s instance=%s request=%s after %s",
-                        record.app_id, backend.instance_id, request_id_of(request),
-                        type(failure.error).__name__,
+                        record.app_id, backend.instance_id, request_id, type(failure.error).__name__,
                     )
                     continue
                 logger.debug(
                     "forwarding failed app=%s instance=%s request=%s: %s",
-                    record.app_id, backend.instance_id, request_id_of(request), failure.error,
+                    record.app_id, backend.instance_id, request_id, failure.error,
                 )
                 raise _upstream_error(record, failure) from failure.error
             except ConnectionError as error:
-                # The client's request body raised it because the client went away,
-                # so no reply can reach it. aiohttp drops a reply to a closed connection.
                 logger.debug(
                     "client went away during its request body app=%s instance=%s request=%s: %r",
-                    record.app_id, backend.instance_id, request_id_of(request), error,
+                    record.app_id, backend.instance_id, request_id, error,
                 )
-                return web.Response(status=CLIENT_CLOSED_STATUS)
-            return await self._relay(request, rotation, backend, upstream)
+                raise
 
     async def _send(self, backend: Backend, method: str, path_qs: str, headers, body) -> UpstreamResponse:
         """Send one attempt and return the instance's response, headers read.

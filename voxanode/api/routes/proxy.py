@@ -10,13 +10,13 @@ The host-routed listener of the `ingress_port` setting serves one catch-all rout
 `HOST_ROUTE_TEMPLATE`, and takes the app from the Host header instead.
 """
 
-import ipaddress
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from voxanode.api.errors import ApiError, ErrorCode
 from voxanode.api.keys import NODE_KEY
+from voxanode.ingress.headers import host_app_key, is_ip_literal
 
 PROXY_PREFIX = "/proxy/"
 PROXY_APP_PATH = "/proxy/{app}"
@@ -67,17 +67,16 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 async def proxy_by_host(request: web.Request) -> web.StreamResponse:
     """Forward a request of the ingress port to the app that the Host header names."""
     host = request.headers.get("Host", "")
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if _is_ip_literal(name):
-        # App names start with a letter, so an address never names an app.
-        raise ApiError(
-            404, ErrorCode.RESOURCE_NOT_FOUND,
-            f"Host {host} is an IP address, but {HOST_ROUTING_HINT},"
-            f" as in curl -H 'Host: web' http://{host}/",
-            {"field": "Host", "host": host},
-        )
-    app_key = name.split(".", 1)[0].lower()
-    if not app_key:
+    app_key = host_app_key(host)
+    if app_key is None:
+        if is_ip_literal(host.rsplit(":", 1)[0] if not host.endswith("]") else host):
+            # App names start with a letter, so an address never names an app.
+            raise ApiError(
+                404, ErrorCode.RESOURCE_NOT_FOUND,
+                f"Host {host} is an IP address, but {HOST_ROUTING_HINT},"
+                f" as in curl -H 'Host: web' http://{host}/",
+                {"field": "Host", "host": host},
+            )
         raise ApiError(
             404, ErrorCode.RESOURCE_NOT_FOUND,
             f"the Host header names no app, but {HOST_ROUTING_HINT}",
@@ -88,17 +87,6 @@ async def proxy_by_host(request: web.Request) -> web.StreamResponse:
     if url.raw_query_string:
         path_qs += "?" + url.raw_query_string
     return await _ingress(request.app).handle(request, app_key, path_qs)
-
-
-def _is_ip_literal(name: str) -> bool:
-    """Return whether a Host name (port removed) is an IPv4 address or a bracketed IPv6 one."""
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 async def close_websockets(app: web.Application) -> None:
