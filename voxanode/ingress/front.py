@@ -350,9 +350,10 @@ class FrontProtocol(asyncio.Protocol):
 
     async def _serve(self, request: PlainRequest) -> None:
         try:
-            await self._front.ingress.forward_plain(self, request)
-        except ApiError as error:
-            self.write(error_reply(request, error))
+            try:
+                await self._front.ingress.forward_plain(self, request)
+            except ApiError as error:
+                self.write(error_reply(request, error))
         except (ConnectionError, asyncio.CancelledError) as error:
             # The client went away, and the ingress has released the instance.
             logger.debug(
