@@ -349,10 +349,12 @@ class FrontProtocol(asyncio.Protocol):
         self._task = self._loop.create_task(self._serve(request))
 
     async def _serve(self, request: PlainRequest) -> None:
+        started = time.perf_counter()
         try:
             try:
-                await self._front.ingress.forward_plain(self, request)
+                status = await self._front.ingress.forward_plain(self, request)
             except ApiError as error:
+                status = error.status
                 self.write(error_reply(request, error))
         except (ConnectionError, asyncio.CancelledError) as error:
             # The client went away, and the ingress has released the instance.
@@ -371,6 +373,13 @@ class FrontProtocol(asyncio.Protocol):
             self._task = None
             self.abort()
             return
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "request request_id=%s method=%s app=%s path=%s status=%d ms=%.1f node=%s",
+                request.request_id, request.method, request.app_key,
+                request.path_qs.partition("?")[0], status,
+                (time.perf_counter() - started) * 1000, self._front.ingress.node_id,
+            )
         self._task = None
         if not request.keep_alive or self._close_when_idle or self._front.closing:
             self._close()
@@ -448,8 +457,8 @@ class FrontSite(web.SockSite):
         self._host_routed = host_routed
 
     async def start(self) -> None:
-        # BaseSite.start registers the site with its runner; SockSite.start would
-        # also serve the socket with aiohttp's own protocol.
+        # BaseSite.start registers the site with its runner. SockSite.start is skipped,
+        # because it would serve the socket with aiohttp's own protocol.
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None

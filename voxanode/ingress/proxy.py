@@ -4,13 +4,14 @@
 `ingress_port`, and `Ingress.forward_plain` the plain GET and HEAD requests that the
 lean front of those ports parses itself (see `voxanode.ingress.front`). It finds the
 app by name or id in the catalogue, picks an instance from the app's `Rotation` (see
-`voxanode.ingress.balancer`), and forwards the request to the instance's published port (the `host_ip` and host port of its report) with
-`UpstreamClient` (see `voxanode.ingress.upstream`), which keeps idle keep-alive
-connections per instance. Bodies stream both ways in chunks, so memory stays bounded
-whatever their size. Hop-by-hop headers are dropped and X-Forwarded-For, -Proto and
--Host added (see `voxanode.ingress.headers`). The reply to a HEAD ends at its header
-section, because some servers send a body after it. A websocket upgrade goes through
-aiohttp's client instead, and is proxied frame by frame.
+`voxanode.ingress.balancer`), and forwards the request to the instance's published
+port (the `host_ip` and host port of its report) with `UpstreamClient` (see
+`voxanode.ingress.upstream`), which keeps idle keep-alive connections per instance.
+Bodies stream both ways in chunks, so memory stays bounded whatever their size.
+Hop-by-hop headers are dropped and X-Forwarded-For, -Proto and -Host added (see
+`voxanode.ingress.headers`). The reply to a HEAD ends at its header section, because
+some servers send a body after it. A websocket upgrade goes through aiohttp's client
+instead, and is proxied frame by frame.
 
 A rotation is built on an app's first request to this node. It is rebuilt when the
 controller reports a change of the catalogue, an instance report or membership,
@@ -232,7 +233,9 @@ class Ingress:
         app[STATS_KEY] = RequestStats()
         setup_rate_limits(app, self.settings)
         app.router.add_route("*", HOST_ROUTE, proxy_by_host)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HOST_SHUTDOWN_SECONDS)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=HOST_SHUTDOWN_SECONDS
+        )
         await runner.setup()
         host, port = self.settings.api_host, self.settings.ingress_port
         sockets: list = []
@@ -395,12 +398,13 @@ class Ingress:
         finally:
             traffic.record(status, (time.perf_counter() - started) * 1000)
 
-    async def forward_plain(self, client: Any, request: Any) -> None:
+    async def forward_plain(self, client: Any, request: Any) -> int:
         """Forward a request of the lean path (`voxanode.ingress.front`) and write its reply.
 
         `request` is a `PlainRequest`: GET or HEAD, without a body. `client` is its
-        connection, with `write`, `drain`, `abort` and the API's rate `limiter`. Raises ApiError, before any
-        byte of a reply is written, for a reply that the proxy makes itself.
+        connection, with `write`, `drain`, `abort` and the API's rate `limiter`.
+        Returns the instance's status. Raises ApiError, before any byte of a reply is
+        written, for a reply that the proxy makes itself.
         """
         started = time.perf_counter()
         if self._stale:
@@ -423,6 +427,7 @@ class Ingress:
             )
             status = upstream.status
             await self._relay_plain(client, request, rotation, backend, upstream)
+            return status
         except ApiError as error:
             status = error.status
             raise
