@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node as KademliaNode
@@ -66,6 +66,7 @@ RELOADABLE_SETTINGS = frozenset(
         "rate_limit_deployments",
         "rate_limit_data",
         "rate_limit_status",
+        "rate_limit_ingress",
         "trusted_proxies",
         "docker_pull_policy",
         "docker_allowed_registries",
@@ -133,6 +134,8 @@ class Node:
         self.notifier = notifier or ServiceNotifier({})
         # Called with the new settings after a reload; each returns what it changed.
         self.reload_hooks: list[Callable[[Settings], list[str]]] = []
+        # The API's rate limiter (an ApiRateLimiter), which the ingress port shares.
+        self.rate_limiter: Any = None
         self._reload_task: asyncio.Task | None = None
         self._reload_pending = False
         self._silent_join_warned_at = -math.inf

@@ -1539,6 +1539,11 @@ def test_front_parses_plain_request(head, app_key, path_qs):
         b"GET /proxy/web/ HTTP/1.1\r\nX-A: 1\r\n folded",
         b"GET /proxy/web/ HTTP/1.1\r\nBad Name: 1",
         b"GET /proxy/web/ HTTP/1.1\r\nX-A: a\x00b",
+        b"GET /proxy/web/ HTTP/1.1\r\nHost: a\r\nHost: b",
+        b"GET /proxy/web/ HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0",
+        b"GET /proxy/web/ HTTP/1.1\r\nX-Long: " + b"a" * 8190,
+        b"GET /proxy/web/" + b"a" * 8190 + b" HTTP/1.1",
+        b"GET /proxy/web/ HTTP/1.1" + b"\r\nX-Many: 1" * 101,
     ],
 )
 def test_front_leaves_other_requests_to_aiohttp(head):
@@ -1734,3 +1739,48 @@ async def test_front_closes_idle_connection_on_stop(harness, upstreams):
     assert time.monotonic() - started < 2.0
     writer.close()
     proxy.runner = await start_api(proxy.node)
+
+
+async def test_front_duplicate_host_gets_aiohttp_400(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: first\r\nHost: second\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    writer.close()
+
+    assert head.split(b" ")[1] == b"400"
+    assert upstreams[0].requests == []
+
+
+async def test_proxy_http10_keep_alive_ends_unsized_body(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/web/chunked HTTP/1.0\r\nHost: n\r\nConnection: keep-alive\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), 5.0)
+    writer.close()
+
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"200"
+    assert body == b"".join(CHUNKED_PARTS)
+
+
+async def test_ingress_port_shares_rate_limit_budget(harness, upstreams):
+    port = closed_port()
+    proxy = await harness(ingress_port=port, rate_limit_ingress=limits.parse("2/minute"))
+    proxy.deploy([upstreams[0].port])
+
+    async with proxy.session.get(proxy.url("/proxy/web/x")) as first:
+        assert first.status == 200
+    host_url = f"http://127.0.0.1:{port}/x"
+    async with proxy.session.get(host_url, headers={"Host": "web"}) as second:
+        remaining = second.headers["X-RateLimit-Remaining"]
+    async with proxy.session.get(host_url, headers={"Host": "web"}) as third:
+        body = await third.json()
+
+    assert remaining == "0"
+    assert third.status == 429
+    assert body["error"]["code"] == "RATE_LIMIT_EXCEEDED"

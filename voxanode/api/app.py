@@ -13,7 +13,7 @@ from aiohttp import web
 from voxanode.api.auth import AUTHENTICATOR_KEY, setup_auth
 from voxanode.api.keys import NODE_KEY, PROCESS_KEY, STATS_KEY, ApiNode
 from voxanode.api.middlewares import MIDDLEWARES
-from voxanode.api.ratelimit import RATE_LIMITER_KEY, setup_rate_limits
+from voxanode.api.ratelimit import RATE_LIMITER_KEY, setup_node_rate_limits
 from voxanode.ingress.front import FrontSite
 from voxanode.api.routes import (
     apps,
@@ -51,7 +51,7 @@ def create_app(node: ApiNode) -> web.Application:
     process.cpu_percent(None)
     app[PROCESS_KEY] = process
 
-    setup_rate_limits(app, node.settings)
+    setup_node_rate_limits(app, node)
     for route_group in (data, nodes, status, info, connectivity, events, apps, docs, metrics, proxy, ui):
         route_group.add_routes(app)
     if getattr(node, "identity", None) is not None:

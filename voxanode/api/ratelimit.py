@@ -34,6 +34,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import limits
 from aiohttp import web
@@ -279,6 +280,20 @@ def setup_rate_limits(app: web.Application, settings: Settings) -> None:
         limits_text,
         len(limiter.trusted_proxies),
     )
+
+
+def setup_node_rate_limits(app: web.Application, node: Any) -> None:
+    """Store the node's limiter on `app`, built from the node's settings on first use.
+
+    The API app and the ingress port's app share it, so a client has one budget per
+    category on both ports, and a reload of the API's limiter applies to both.
+    """
+    limiter = getattr(node, "rate_limiter", None)
+    if limiter is None:
+        setup_rate_limits(app, node.settings)
+        node.rate_limiter = app[RATE_LIMITER_KEY]
+    else:
+        app[RATE_LIMITER_KEY] = limiter
 
 
 def count_request(request: web.Request) -> None:

@@ -49,9 +49,13 @@ PROXY_PREFIX = PROXY_PREFIX_TEXT.encode("ascii")
 PLAIN_METHODS = (b"GET", b"HEAD")
 HEAD_END = b"\r\n\r\n"
 BARE_LF = re.compile(rb"(?<!\r)\n")
-# A header section still incomplete at this size goes to aiohttp, whose limits
-# (8190 bytes a line) then answer it.
+# A header section beyond these sizes goes to aiohttp, whose limits (8190 bytes a
+# line) then decide about it. The lean path takes only heads of common size.
 MAX_HEAD_BYTES = 16 * 1024
+MAX_LINE_BYTES = 8190
+MAX_HEADER_FIELDS = 100
+# Headers that a request may carry once: aiohttp rejects a duplicate Host with 400.
+SINGLE_HEADERS = frozenset({"host", "content-length"})
 # Bytes buffered from a client, beyond the request served now, before reading pauses.
 MAX_BUFFERED_BYTES = 64 * 1024
 # The idle time after which aiohttp's RequestHandler closes a keep-alive connection.
@@ -104,13 +108,17 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
     if len(parts) != 3:
         return None
     method, target, version = parts
-    if method not in PLAIN_METHODS or version != b"HTTP/1.1" or DOT_SEGMENT.search(target):
+    if len(lines[0]) > MAX_LINE_BYTES or method not in PLAIN_METHODS or version != b"HTTP/1.1" or DOT_SEGMENT.search(target):
         return None
     if not (HOST_ROUTED_TARGET if host_routed else PLAIN_TARGET).fullmatch(target):
+        return None
+    if len(lines) > MAX_HEADER_FIELDS + 1:
         return None
     headers: CIMultiDict[str] = CIMultiDict()
     keep_alive = True
     for line in lines[1:]:
+        if len(line) > MAX_LINE_BYTES:
+            return None
         name, colon, value = line.partition(b":")
         if not colon or not FIELD_NAME.fullmatch(name):
             return None
@@ -122,6 +130,8 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
         if lower in NOT_PLAIN_HEADERS:
             return None
         text_value = value.decode("latin-1")
+        if lower in SINGLE_HEADERS and lower in headers:
+            return None
         if lower == "content-length":
             if text_value != "0":
                 return None
@@ -339,6 +349,9 @@ class FrontProtocol(asyncio.Protocol):
             # aiohttp decides about a head that ends its lines with a bare LF.
             if len(buffer) > MAX_HEAD_BYTES or BARE_LF.search(buffer):
                 self._hand_over()
+            return
+        if end > MAX_HEAD_BYTES:
+            self._hand_over()
             return
         request = parse_plain_request(bytes(buffer[:end]), self._client, front.host_routed)
         if request is None:

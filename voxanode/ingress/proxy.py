@@ -61,6 +61,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+from aiohttp import HttpVersion11 as HTTP_1_1
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
@@ -224,14 +225,14 @@ class Ingress:
         from voxanode.api.keys import NODE_KEY, STATS_KEY
         from voxanode.api.listen import bind_stream_sockets
         from voxanode.api.middlewares import build_api_middleware
-        from voxanode.api.ratelimit import count_request, setup_rate_limits
+        from voxanode.api.ratelimit import count_request, setup_node_rate_limits
         from voxanode.api.routes.proxy import HOST_ROUTE, proxy_by_host
         from voxanode.api.stats import RequestStats
 
         app = web.Application(middlewares=(build_api_middleware((count_request,)),))
         app[NODE_KEY] = self.controller.node
         app[STATS_KEY] = RequestStats()
-        setup_rate_limits(app, self.settings)
+        setup_node_rate_limits(app, self.controller.node)
         app.router.add_route("*", HOST_ROUTE, proxy_by_host)
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=HOST_SHUTDOWN_SECONDS
@@ -668,6 +669,9 @@ class Ingress:
         headers = response.headers
         headers.extend(upstream.headers)
         drop_hop_by_hop(headers)
+        if request.version < HTTP_1_1 and "Content-Length" not in headers:
+            # An HTTP/1.0 client cannot take a chunked body, so the close ends it.
+            response.force_close()
         self._record_reply(rotation, backend, upstream.status)
         try:
             await prepare_stream(request, response)
