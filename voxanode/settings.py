@@ -1059,7 +1059,7 @@ class SettingSpec:
 
 def display_value(value: object) -> str:
     """Return a setting's value as the user writes it, short enough for a log line."""
-    if value is None:
+    if value is None or (isinstance(value, (tuple, list)) and not value):
         return "none"
     if isinstance(value, (limits.RateLimitItem, bool)):
         return _display_default(value)

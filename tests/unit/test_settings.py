@@ -17,6 +17,7 @@ from voxanode.settings import (
     Settings,
     SettingsError,
     default_settings_document,
+    display_value,
     format_default_settings_document,
     load_settings,
     parse_peer_address,
@@ -611,3 +612,9 @@ def test_resolve_git_commit_without_git_binary_is_unknown(tmp_path, monkeypatch)
     monkeypatch.setenv("PATH", str(empty_bin))
 
     assert resolve_git_commit({}, checkout_dir=tmp_path) == UNKNOWN_GIT_COMMIT
+
+
+def test_display_value_names_empty_lists_none():
+    assert display_value(()) == "none"
+    assert display_value(None) == "none"
+    assert display_value(("127.0.0.0/8",)) == "127.0.0.0/8"
