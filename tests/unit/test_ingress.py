@@ -1551,11 +1551,12 @@ def test_front_leaves_other_requests_to_aiohttp(head):
 
 
 def test_front_request_id_and_connection_close():
-    kept = parse_plain_request(b"GET /proxy/web/ HTTP/1.1\r\nX-Request-ID: mine-1\r\nConnection: close", None)
-    replaced = parse_plain_request(b"GET /proxy/web/ HTTP/1.1\r\nX-Request-ID: not valid!", None)
+    valid_id = parse_plain_request(b"GET /proxy/web/ HTTP/1.1\r\nX-Request-ID: mine-1\r\nConnection: close", None)
+    invalid_id = parse_plain_request(b"GET /proxy/web/ HTTP/1.1\r\nX-Request-ID: not valid!", None)
 
-    assert (kept.request_id, kept.keep_alive) == ("mine-1", False)
-    assert replaced.request_id.startswith("req-")
+    assert valid_id.request_id == "mine-1"
+    assert valid_id.keep_alive is False
+    assert invalid_id.request_id.startswith("req-")
 
 
 @pytest.mark.parametrize(

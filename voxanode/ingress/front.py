@@ -3,7 +3,7 @@
 aiohttp's web application costs a request its router, middleware chain and request
 and response objects. App traffic pays that on top of the forwarding itself, so a
 `/proxy/` request through aiohttp takes about a quarter more CPU of the node's event
-loop than the forwarding alone. `FrontProtocol` answers the simplest and most common
+loop than the forwarding alone. `FrontProtocol` serves the simplest and most common
 app requests without it: a GET or HEAD to `/proxy/{app}/...` over HTTP/1.1, with no
 body, no upgrade and no `Expect`, while the `ingress` rate limit category has no
 limit. It parses the header section, hands it to `Ingress.forward_plain` and writes
@@ -11,8 +11,8 @@ the reply, keeping the connection alive between requests.
 
 The first request that does not qualify hands the connection to aiohttp's
 `RequestHandler`, with every byte that has arrived since the end of the last reply
-served here, and aiohttp serves it and the rest of the connection as on any API
-connection. A header section that is malformed, too large or unusual in any way
+served here. aiohttp then serves that request and the rest of the connection as on
+any API connection. A header section that is malformed, too large or unusual in any way
 (folded lines, a target with dot segments, control characters) goes to aiohttp as
 well, so its validation and error replies stay the only ones of the API port.
 """
@@ -67,7 +67,7 @@ NOT_PLAIN_HEADERS = frozenset({"transfer-encoding", "upgrade", "expect"})
 PLAIN_TARGET = re.compile(rb"/proxy/[!$-.0-9;=@-Z_a-z~:+,'*()%&]+(?:[/?][!-\"$-~]*)?")
 HOST_ROUTED_TARGET = re.compile(rb"/[!-\"$-~]*")
 DOT_SEGMENT = re.compile(rb"/\.\.?(?:[/?]|$)")
-# Field names are tokens (RFC 9110 section 5.6.2); values are visible ASCII, spaces and tabs.
+# Field names are tokens (RFC 9110 section 5.6.2). Values are visible ASCII, spaces and tabs.
 FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # Statuses whose reply has no body, whatever its headers state.
@@ -81,7 +81,13 @@ class PlainRequest:
     __slots__ = ("method", "app_key", "path_qs", "headers", "client", "request_id", "keep_alive")
 
     def __init__(
-        self, method: str, app_key: str, path_qs: str, headers: CIMultiDict[str], client: str | None
+        self,
+        method: str,
+        app_key: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        client: str | None,
+        keep_alive: bool,
     ):
         self.method = method
         self.app_key = app_key
@@ -93,7 +99,7 @@ class PlainRequest:
             self.request_id = sent_id
         else:
             self.request_id = new_request_id()
-        self.keep_alive = True
+        self.keep_alive = keep_alive
 
 
 def parse_plain_request(head: bytes, client: str | None, host_routed: bool = False) -> PlainRequest | None:
@@ -153,9 +159,7 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
         app_part, _, remainder = raw_path[len(PROXY_PREFIX):].partition("/")
         path_qs = "/" + remainder + (question + query if query else "")
         app_key = unquote(app_part)
-    request = PlainRequest(method.decode("ascii"), app_key, path_qs, headers, client)
-    request.keep_alive = keep_alive
-    return request
+    return PlainRequest(method.decode("ascii"), app_key, path_qs, headers, client, keep_alive)
 
 
 class _HttpDate:
@@ -370,9 +374,10 @@ class FrontProtocol(asyncio.Protocol):
                 status = error.status
                 self.write(error_reply(request, error))
         except (ConnectionError, asyncio.CancelledError) as error:
-            # The client went away, and the ingress has released the instance.
+            # The client went away or the instance failed mid-reply, and the ingress
+            # has released the instance either way.
             logger.debug(
-                "client left during its reply request_id=%s app=%s node=%s: %r",
+                "reply ended early request_id=%s app=%s node=%s: %r",
                 request.request_id, request.app_key, self._front.ingress.node_id, error,
             )
             self._task = None

@@ -370,17 +370,22 @@ class Ingress:
             )
         return record
 
-    # -- forwarding -----------------------------------------------------------------------
-
-    async def handle(self, request: web.Request, app_key: str, path_qs: str) -> web.StreamResponse:
-        """Forward one request to an instance of the app `app_key` (name or id)."""
-        started = time.perf_counter()
+    def _lookup(self, app_key: str) -> tuple[AppRecord, AppTraffic]:
+        """Return the app that `app_key` names and its traffic counters, made on first use."""
         if self._stale:
             self.refresh()
         record = self._resolve(app_key)
         traffic = self.traffic.get(record.app_id)
         if traffic is None:
             traffic = self.traffic[record.app_id] = AppTraffic()
+        return record, traffic
+
+    # -- forwarding -----------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, app_key: str, path_qs: str) -> web.StreamResponse:
+        """Forward one request to an instance of the app `app_key` (name or id)."""
+        started = time.perf_counter()
+        record, traffic = self._lookup(app_key)
         if _is_websocket_upgrade(request):
             # Counted at the upgrade, because the session may last for hours.
             try:
@@ -408,21 +413,12 @@ class Ingress:
         written, for a reply that the proxy makes itself.
         """
         started = time.perf_counter()
-        if self._stale:
-            self.refresh()
-        record = self._resolve(request.app_key)
-        traffic = self.traffic.get(record.app_id)
-        if traffic is None:
-            traffic = self.traffic[record.app_id] = AppTraffic()
+        record, traffic = self._lookup(request.app_key)
         status = CLIENT_CLOSED_STATUS
         try:
             rotation = self._rotation_of(record)
             headers = end_to_end(request.headers, HEAD_DROPPED_HEADERS)
-            limiter = client.limiter
-            peer, trusted = request.client, False
-            if limiter is not None and peer:
-                peer, trusted = limiter.peer_of(peer)
-            add_forwarded(headers, peer, "http", headers.get("Host"), trusted)
+            _add_forwarded_for(headers, request.client, "http", client.limiter)
             backend, upstream = await self._attempts(
                 rotation, record, request.method, request.path_qs, headers, None, traffic, request.request_id
             )
@@ -486,12 +482,7 @@ class Ingress:
 
     def _request_headers(self, request: web.Request, drop: frozenset[str] = frozenset()):
         headers = end_to_end(request.headers, drop)
-        limiter = request.app.get(RATE_LIMITER_KEY)
-        trusted = False
-        client = request.remote
-        if limiter is not None and client:
-            client, trusted = limiter.peer_of(client)
-        add_forwarded(headers, client, request.scheme, request.headers.get("Host"), trusted)
+        _add_forwarded_for(headers, request.remote, request.scheme, request.app.get(RATE_LIMITER_KEY))
         return headers
 
     def _pick(
@@ -884,6 +875,14 @@ async def _pump(source, sink) -> bytes:
             return (message.extra or "").encode()
         elif kind in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             return b""
+
+
+def _add_forwarded_for(headers: CIMultiDict[str], client: str | None, scheme: str, limiter: Any) -> None:
+    """Add the X-Forwarded-* headers for `client`, which `limiter` may know as a trusted proxy."""
+    trusted = False
+    if limiter is not None and client:
+        client, trusted = limiter.peer_of(client)
+    add_forwarded(headers, client, scheme, headers.get("Host"), trusted)
 
 
 def _attempt_failed(backend: Backend, method: str, has_body: bool, error: UpstreamError) -> _ConnectFailed:
