@@ -40,6 +40,7 @@ from voxanode.apps.catalogue import (
 )
 from voxanode.apps.spec import INGRESS_STRATEGIES, AppSpec, SpecLimits, parse_app_spec
 from voxanode.events import EventBus
+from voxanode.ingress import front as front_module
 from voxanode.ingress.front import parse_plain_request
 from voxanode.ingress.balancer import (
     STRATEGIES,
@@ -1740,6 +1741,27 @@ async def test_front_closes_idle_connection_on_stop(harness, upstreams):
     assert time.monotonic() - started < 2.0
     writer.close()
     proxy.runner = await start_api(proxy.node)
+
+
+async def test_front_idle_time_restarts_with_each_request(harness, upstreams, monkeypatch):
+    monkeypatch.setattr(front_module, "KEEPALIVE_TIMEOUT_SECONDS", 0.6)
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+    reader, writer = await open_raw(proxy)
+
+    started = time.monotonic()
+    for _ in range(3):
+        # Each request comes before the idle time ends, and starts it again.
+        writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: n\r\n\r\n")
+        assert (await read_reply(reader))[0] == 200
+        await asyncio.sleep(0.4)
+    last_reply = time.monotonic() - 0.4
+    assert last_reply - started > 0.6
+
+    assert await asyncio.wait_for(reader.read(), 5.0) == b""
+    idle = time.monotonic() - last_reply
+    writer.close()
+    assert 0.5 < idle < 2.0
 
 
 async def test_front_duplicate_host_gets_aiohttp_400(harness, upstreams):

@@ -63,13 +63,16 @@ KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # Header names that make a request leave the lean path: a body, an upgrade, an
 # interim reply or framing that aiohttp handles.
 NOT_PLAIN_HEADERS = frozenset({"transfer-encoding", "upgrade", "expect"})
+# The names that the header loop looks at more closely.
+SPECIAL_HEADERS = NOT_PLAIN_HEADERS | SINGLE_HEADERS | {"connection"}
 # A request target the lean path takes: visible ASCII, no fragment, no dot segment.
 PLAIN_TARGET = re.compile(rb"/proxy/[!$-.0-9;=@-Z_a-z~:+,'*()%&]+(?:[/?][!-\"$-~]*)?")
 HOST_ROUTED_TARGET = re.compile(rb"/[!-\"$-~]*")
 DOT_SEGMENT = re.compile(rb"/\.\.?(?:[/?]|$)")
-# Field names are tokens (RFC 9110 section 5.6.2). Values are visible ASCII, spaces and tabs.
-FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# The field lines of a header section, separated by CRLF. Names are tokens (RFC 9110
+# section 5.6.2); values are visible ASCII, spaces and tabs.
+_FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
+FIELD_LINES = re.compile(_FIELD_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
 # Statuses whose reply has no body, whatever its headers state.
 BODILESS_STATUSES = frozenset({204, 304})
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -118,36 +121,37 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
         return None
     if not (HOST_ROUTED_TARGET if host_routed else PLAIN_TARGET).fullmatch(target):
         return None
-    if len(lines) > MAX_HEADER_FIELDS + 1:
+    if len(lines) > MAX_HEADER_FIELDS + 1 or max(map(len, lines)) > MAX_LINE_BYTES:
         return None
-    headers: CIMultiDict[str] = CIMultiDict()
+    # One pass over the field lines checks every name and value.
+    if len(lines) > 1 and not FIELD_LINES.fullmatch(head, len(lines[0]) + 2):
+        return None
+    fields: list[tuple[str, str]] = []
+    seen: set[str] = set()
     keep_alive = True
     for line in lines[1:]:
-        if len(line) > MAX_LINE_BYTES:
-            return None
-        name, colon, value = line.partition(b":")
-        if not colon or not FIELD_NAME.fullmatch(name):
-            return None
-        value = value.strip(b" \t")
-        if not FIELD_VALUE.fullmatch(value):
-            return None
+        name, _, value = line.partition(b":")
         text_name = name.decode("ascii")
+        text_value = value.strip(b" \t").decode("latin-1")
         lower = text_name.lower()
-        if lower in NOT_PLAIN_HEADERS:
-            return None
-        text_value = value.decode("latin-1")
-        if lower in SINGLE_HEADERS and lower in headers:
-            return None
-        if lower == "content-length":
-            if text_value != "0":
+        if lower in SPECIAL_HEADERS:
+            if lower in NOT_PLAIN_HEADERS:
                 return None
-        elif lower == "connection":
-            tokens = {token.strip().lower() for token in text_value.split(",")}
-            if "upgrade" in tokens:
-                return None
-            if "close" in tokens:
-                keep_alive = False
-        headers.add(text_name, text_value)
+            if lower in SINGLE_HEADERS:
+                if lower in seen:
+                    return None
+                seen.add(lower)
+            if lower == "content-length":
+                if text_value != "0":
+                    return None
+            elif lower == "connection":
+                tokens = {token.strip().lower() for token in text_value.split(",")}
+                if "upgrade" in tokens:
+                    return None
+                if "close" in tokens:
+                    keep_alive = False
+        fields.append((text_name, text_value))
+    headers: CIMultiDict[str] = CIMultiDict(fields)
 
     path_qs = target.decode("ascii")
     if host_routed:
@@ -182,10 +186,8 @@ http_date = _HttpDate()
 
 def reply_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
     """Serialize a status line and header section, ending with the blank line."""
-    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode("latin-1")
 
 
 def error_reply(request: PlainRequest, error: ApiError) -> bytes:
@@ -253,6 +255,7 @@ class FrontProtocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._task: asyncio.Task | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future | None = None
@@ -362,7 +365,6 @@ class FrontProtocol(asyncio.Protocol):
             self._hand_over()
             return
         del buffer[: end + len(HEAD_END)]
-        self._cancel_idle_timer()
         self._task = self._loop.create_task(self._serve(request))
 
     async def _serve(self, request: PlainRequest) -> None:
@@ -432,8 +434,10 @@ class FrontProtocol(asyncio.Protocol):
             self._transport.close()
 
     def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT_SECONDS, self._idle_expired)
+        """Start the idle time. One timer serves many requests: it checks when it fires."""
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(self._idle_since + KEEPALIVE_TIMEOUT_SECONDS, self._idle_expired)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -442,7 +446,13 @@ class FrontProtocol(asyncio.Protocol):
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
-        if self._task is None:
+        if self._task is not None:
+            # Busy: the end of the request starts the idle time again.
+            return
+        deadline = self._idle_since + KEEPALIVE_TIMEOUT_SECONDS
+        if deadline > self._loop.time():
+            self._idle_timer = self._loop.call_at(deadline, self._idle_expired)
+        else:
             self._close()
 
 

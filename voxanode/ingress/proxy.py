@@ -417,7 +417,9 @@ class Ingress:
         status = CLIENT_CLOSED_STATUS
         try:
             rotation = self._rotation_of(record)
-            headers = end_to_end(request.headers, HEAD_DROPPED_HEADERS)
+            # The parsed headers belong to this request alone, so they are edited in place.
+            headers = request.headers
+            drop_hop_by_hop(headers, HEAD_DROPPED_HEADERS)
             _add_forwarded_for(headers, request.client, "http", client.limiter)
             backend, upstream = await self._attempts(
                 rotation, record, request.method, request.path_qs, headers, None, traffic, request.request_id
@@ -435,7 +437,7 @@ class Ingress:
         self, client: Any, request: Any, rotation: Rotation, backend: Backend, upstream: UpstreamResponse
     ) -> None:
         """Write the instance's reply to a lean path client, then release the backend."""
-        headers = CIMultiDict(upstream.headers)
+        headers = upstream.headers
         drop_hop_by_hop(headers)
         headers[REQUEST_ID_HEADER] = request.request_id
         if "Date" not in headers:
