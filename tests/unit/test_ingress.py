@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from voxanode.api import app as app_module
 from voxanode.api.app import start_api
 from voxanode.api.errors import ApiError
 from voxanode.api.keys import STATS_KEY
@@ -1762,6 +1763,47 @@ async def test_front_idle_time_restarts_with_each_request(harness, upstreams, mo
     idle = time.monotonic() - last_reply
     writer.close()
     assert 0.5 < idle < 2.0
+
+
+NON_ASCII_FIELDS = b"X-Text: caf\xc3\xa9\r\nX-Euro: \xe2\x82\xac\r\nX-Raw: \xe9\xff\r\n"
+
+
+async def test_front_passes_non_ascii_header_bytes(harness, raw_server):
+    server = await raw_server(b"HTTP/1.1 200 OK\r\n" + NON_ASCII_FIELDS + b"Content-Length: 2\r\n\r\nok")
+    proxy = await harness()
+    proxy.deploy([server.port])
+    reader, writer = await open_raw(proxy)
+
+    writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: n\r\n" + NON_ASCII_FIELDS + b"\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    body = await reader.readexactly(2)
+    writer.close()
+
+    # Both ways, the bytes arrive as sent, UTF-8 or not.
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert NON_ASCII_FIELDS in head
+    assert body == b"ok"
+    assert NON_ASCII_FIELDS in server.requests[0]
+    assert proxy.ingress.traffic[APP_ID].requests == 1
+
+
+async def test_api_port_closes_idle_aiohttp_connection(harness, upstreams, monkeypatch):
+    """A connection that aiohttp serves has the lean path's idle limit too."""
+    proxy = await harness()
+    await proxy.runner.cleanup()
+    monkeypatch.setattr(app_module, "KEEPALIVE_TIMEOUT_SECONDS", 0.5)
+    proxy.runner = await start_api(proxy.node)
+    reader, writer = await open_raw(proxy)
+
+    # An API route, asked without a token.
+    writer.write(b"GET /info/program_stats HTTP/1.1\r\nHost: n\r\n\r\n")
+    assert (await read_reply(reader))[0] == 401
+    replied = time.monotonic()
+
+    assert await asyncio.wait_for(reader.read(), 5.0) == b""
+    idle = time.monotonic() - replied
+    writer.close()
+    assert 0.4 < idle < 3.0
 
 
 async def test_front_duplicate_host_gets_aiohttp_400(harness, upstreams):

@@ -30,7 +30,7 @@ from voxanode.api.routes import (
     ui,
 )
 from voxanode.api.stats import RequestStats
-from voxanode.api.listen import bind_api_sockets
+from voxanode.api.listen import KEEPALIVE_TIMEOUT_SECONDS, bind_api_sockets
 from voxanode.settings import Settings, format_peer_address
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ async def start_api(node: ApiNode, sockets: list[socket.socket] | None = None) -
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout_seconds,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
     )
     try:
         await runner.setup()

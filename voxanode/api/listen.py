@@ -13,6 +13,9 @@ import socket
 from voxanode.settings import BindError, Settings
 
 API_LISTEN_BACKLOG = 128
+# Seconds after which an idle keep-alive connection of the API port or the ingress port
+# closes, whether aiohttp or the lean front of app traffic serves it.
+KEEPALIVE_TIMEOUT_SECONDS = 75.0
 BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 

@@ -35,6 +35,7 @@ from multidict import CIMultiDict
 
 from voxanode.api.errors import ApiError, error_body
 from voxanode.api.json_reply import encode_json
+from voxanode.api.listen import KEEPALIVE_TIMEOUT_SECONDS
 from voxanode.api.middlewares import CLIENT_REQUEST_ID_PATTERN, REQUEST_ID_HEADER, new_request_id
 from voxanode.api.ratelimit import RATE_LIMITER_KEY, ApiRateLimiter, RateLimitCategory
 from voxanode.api.routes.proxy import PROXY_PREFIX as PROXY_PREFIX_TEXT
@@ -58,8 +59,6 @@ MAX_HEADER_FIELDS = 100
 SINGLE_HEADERS = frozenset({"host", "content-length"})
 # Bytes buffered from a client, beyond the request served now, before reading pauses.
 MAX_BUFFERED_BYTES = 64 * 1024
-# The idle time after which aiohttp's RequestHandler closes a keep-alive connection.
-KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # Header names that make a request leave the lean path: a body, an upgrade, an
 # interim reply or framing that aiohttp handles.
 NOT_PLAIN_HEADERS = frozenset({"transfer-encoding", "upgrade", "expect"})
@@ -70,7 +69,7 @@ PLAIN_TARGET = re.compile(rb"/proxy/[!$-.0-9;=@-Z_a-z~:+,'*()%&]+(?:[/?][!-\"$-~
 HOST_ROUTED_TARGET = re.compile(rb"/[!-\"$-~]*")
 DOT_SEGMENT = re.compile(rb"/\.\.?(?:[/?]|$)")
 # The field lines of a header section, separated by CRLF. Names are tokens (RFC 9110
-# section 5.6.2); values are visible ASCII, spaces and tabs.
+# section 5.6.2); values are visible ASCII, spaces, tabs and bytes from 0x80 up.
 _FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
 FIELD_LINES = re.compile(_FIELD_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
 # Statuses whose reply has no body, whatever its headers state.
@@ -132,7 +131,9 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         text_name = name.decode("ascii")
-        text_value = value.strip(b" \t").decode("latin-1")
+        # Decoded as aiohttp's server decodes them, so the upstream client's
+        # encoding gives the app the bytes that the client sent.
+        text_value = value.strip(b" \t").decode("utf-8", "surrogateescape")
         lower = text_name.lower()
         if lower in SPECIAL_HEADERS:
             if lower in NOT_PLAIN_HEADERS:
@@ -187,7 +188,9 @@ http_date = _HttpDate()
 def reply_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
     """Serialize a status line and header section, ending with the blank line."""
     fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-    return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode("latin-1")
+    # The upstream client decodes the instance's header bytes this way, so any bytes,
+    # UTF-8 or not, go out as the instance sent them.
+    return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode("utf-8", "surrogateescape")
 
 
 def error_reply(request: PlainRequest, error: ApiError) -> bytes:

@@ -223,7 +223,7 @@ class Ingress:
     async def _start_host_listener(self) -> None:
         # Imported here: the API modules import this package's callers.
         from voxanode.api.keys import NODE_KEY, STATS_KEY
-        from voxanode.api.listen import bind_stream_sockets
+        from voxanode.api.listen import KEEPALIVE_TIMEOUT_SECONDS, bind_stream_sockets
         from voxanode.api.middlewares import build_api_middleware
         from voxanode.api.ratelimit import count_request, setup_node_rate_limits
         from voxanode.api.routes.proxy import HOST_ROUTE, proxy_by_host
@@ -235,7 +235,11 @@ class Ingress:
         setup_node_rate_limits(app, self.controller.node)
         app.router.add_route("*", HOST_ROUTE, proxy_by_host)
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=HOST_SHUTDOWN_SECONDS
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=HOST_SHUTDOWN_SECONDS,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
         )
         await runner.setup()
         host, port = self.settings.api_host, self.settings.ingress_port
