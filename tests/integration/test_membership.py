@@ -190,8 +190,8 @@ def test_healthy_network_has_no_false_suspicions(network):
 # Gossip rounds every 20 s, probes every 30 s and no push-pull within the test. So a
 # member learns of a new node within seconds only through the early gossip round that
 # news about membership starts, at most a quarter interval (5 s) after the last round.
-# The bound leaves 7 s beyond that for the news to reach every member on a busy
-# machine, still below the 20 s that one regular round alone could take.
+# The 12 s bound leaves 7 s beyond that for the news to reach every member on a busy
+# machine, and stays below the 20 s interval of the regular rounds.
 SLOW_GOSSIP_ARGS = (
     "--gossip-interval-seconds", "20",
     "--probe-interval-seconds", "30",

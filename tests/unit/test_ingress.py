@@ -1595,6 +1595,15 @@ async def open_raw(proxy: "ProxyHarness") -> tuple[asyncio.StreamReader, asyncio
     return await asyncio.open_connection(host, port)
 
 
+async def reply_head_for(proxy: "ProxyHarness", request: bytes) -> bytes:
+    """Send raw request bytes on a new connection and return the reply's header section."""
+    reader, writer = await open_raw(proxy)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    writer.close()
+    return head
+
+
 async def test_front_serves_pipelined_requests_in_order(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
@@ -1648,11 +1657,8 @@ async def test_front_hands_connection_to_api_mid_stream(harness, upstreams):
 async def test_front_leaves_bare_lf_head_to_aiohttp(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
-    reader, writer = await open_raw(proxy)
 
-    writer.write(b"GET /proxy/web/lf HTTP/1.1\nHost: n\n\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-    writer.close()
+    head = await reply_head_for(proxy, b"GET /proxy/web/lf HTTP/1.1\nHost: n\n\n")
 
     # aiohttp's parser decides: it serves the request or rejects it, and never waits.
     assert head.split(b" ")[1] in (b"200", b"400")
@@ -1779,7 +1785,7 @@ async def test_front_passes_non_ascii_header_bytes(harness, raw_server):
     body = await reader.readexactly(2)
     writer.close()
 
-    # Both ways, the bytes arrive as sent, UTF-8 or not.
+    # Request and reply header bytes arrive as sent, whether they are valid UTF-8 or not.
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert NON_ASCII_FIELDS in head
     assert body == b"ok"
@@ -1809,11 +1815,8 @@ async def test_api_port_closes_idle_aiohttp_connection(harness, upstreams, monke
 async def test_front_duplicate_host_gets_aiohttp_400(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
-    reader, writer = await open_raw(proxy)
 
-    writer.write(b"GET /proxy/web/x HTTP/1.1\r\nHost: first\r\nHost: second\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-    writer.close()
+    head = await reply_head_for(proxy, b"GET /proxy/web/x HTTP/1.1\r\nHost: first\r\nHost: second\r\n\r\n")
 
     assert head.split(b" ")[1] == b"400"
     assert upstreams[0].requests == []

@@ -62,14 +62,14 @@ MAX_BUFFERED_BYTES = 64 * 1024
 # Header names that make a request leave the lean path: a body, an upgrade, an
 # interim reply or framing that aiohttp handles.
 NOT_PLAIN_HEADERS = frozenset({"transfer-encoding", "upgrade", "expect"})
-# The names that the header loop looks at more closely.
+# Header names that parse_plain_request checks beyond the field syntax.
 SPECIAL_HEADERS = NOT_PLAIN_HEADERS | SINGLE_HEADERS | {"connection"}
 # A request target the lean path takes: visible ASCII, no fragment, no dot segment.
 PLAIN_TARGET = re.compile(rb"/proxy/[!$-.0-9;=@-Z_a-z~:+,'*()%&]+(?:[/?][!-\"$-~]*)?")
 HOST_ROUTED_TARGET = re.compile(rb"/[!-\"$-~]*")
 DOT_SEGMENT = re.compile(rb"/\.\.?(?:[/?]|$)")
 # The field lines of a header section, separated by CRLF. Names are tokens (RFC 9110
-# section 5.6.2); values are visible ASCII, spaces, tabs and bytes from 0x80 up.
+# section 5.6.2), and values contain visible ASCII, spaces, tabs and bytes from 0x80 up.
 _FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
 FIELD_LINES = re.compile(_FIELD_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
 # Statuses whose reply has no body, whatever its headers state.
@@ -122,7 +122,7 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
         return None
     if len(lines) > MAX_HEADER_FIELDS + 1 or max(map(len, lines)) > MAX_LINE_BYTES:
         return None
-    # One pass over the field lines checks every name and value.
+    # One regular expression checks the names and values of all field lines.
     if len(lines) > 1 and not FIELD_LINES.fullmatch(head, len(lines[0]) + 2):
         return None
     fields: list[tuple[str, str]] = []
@@ -131,8 +131,8 @@ def parse_plain_request(head: bytes, client: str | None, host_routed: bool = Fal
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         text_name = name.decode("ascii")
-        # Decoded as aiohttp's server decodes them, so the upstream client's
-        # encoding gives the app the bytes that the client sent.
+        # aiohttp's server decodes values the same way, and the upstream client's
+        # encoding restores the bytes that the client sent.
         text_value = value.strip(b" \t").decode("utf-8", "surrogateescape")
         lower = text_name.lower()
         if lower in SPECIAL_HEADERS:
@@ -188,8 +188,8 @@ http_date = _HttpDate()
 def reply_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
     """Serialize a status line and header section, ending with the blank line."""
     fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-    # The upstream client decodes the instance's header bytes this way, so any bytes,
-    # UTF-8 or not, go out as the instance sent them.
+    # The upstream client decodes the instance's header bytes with UTF-8 and surrogate
+    # escapes, so this encoding restores them, whether they are valid UTF-8 or not.
     return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode("utf-8", "surrogateescape")
 
 
@@ -437,10 +437,11 @@ class FrontProtocol(asyncio.Protocol):
             self._transport.close()
 
     def _arm_idle_timer(self) -> None:
-        """Start the idle time. One timer serves many requests: it checks when it fires."""
+        """Start the idle time now, with one timer per connection that checks it when it fires."""
         self._idle_since = self._loop.time()
         if self._idle_timer is None:
-            self._idle_timer = self._loop.call_at(self._idle_since + KEEPALIVE_TIMEOUT_SECONDS, self._idle_expired)
+            deadline = self._idle_since + KEEPALIVE_TIMEOUT_SECONDS
+            self._idle_timer = self._loop.call_at(deadline, self._idle_expired)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -450,7 +451,7 @@ class FrontProtocol(asyncio.Protocol):
     def _idle_expired(self) -> None:
         self._idle_timer = None
         if self._task is not None:
-            # Busy: the end of the request starts the idle time again.
+            # A request is in progress, and its end starts the idle time again.
             return
         deadline = self._idle_since + KEEPALIVE_TIMEOUT_SECONDS
         if deadline > self._loop.time():

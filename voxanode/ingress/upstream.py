@@ -372,31 +372,6 @@ class UpstreamClient:
 class _Connection(asyncio.Protocol):
     """One connection to an instance and the state of the exchange running on it."""
 
-    # The state of an exchange as a new connection starts it, kept on the class so that
-    # a connection costs fewer stores. `_reset_exchange` sets it on the instance for
-    # each later exchange.
-    method = ""
-    active = False
-    head_waiter: asyncio.Future | None = None
-    body_waiter: asyncio.Future | None = None
-    failure: BaseException | None = None
-    buffered = 0
-    got_bytes = False
-    head_bytes = 0
-    field_bytes = 0
-    interim_replies = 0
-    reason = b""
-    headers_complete = False
-    message_complete = False
-    until_eof = False
-    keep_alive = False
-    discard_input = False
-    request_sent = False
-    body_sent = False
-    sender: asyncio.Task | None = None
-    timer: asyncio.TimerHandle | None = None
-    last_progress = 0.0
-
     def __init__(self, client: UpstreamClient, loop: asyncio.AbstractEventLoop, host: str, port: int):
         self.client = client
         self.origin = (host, port)
@@ -413,9 +388,7 @@ class _Connection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future | None = None
         self.reading_paused = False
         self.exchanges = 0
-        # The class attributes hold the rest of the first exchange's state.
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.fields: list[tuple[bytes, bytes]] = []
+        self._reset_exchange()
 
     def _reset_exchange(self) -> None:
         self.method = ""
