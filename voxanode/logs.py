@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from voxanode.settings import LOG_FORMATS, LOG_LEVELS
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s node=%(node_id)s %(message)s"
@@ -24,6 +26,8 @@ NO_NODE_ID = "-"
 CHATTY_LIBRARY_LOGGERS = ("kademlia", "rpcudp")
 # aiohttp's access log repeats the request lines that the API logs itself at DEBUG.
 ACCESS_LOGGER = "aiohttp.access"
+# aiohttp's server logs a request it cannot parse at ERROR, with a traceback.
+SERVER_LOGGER = "aiohttp.server"
 
 
 class NodeIdFilter(logging.Filter):
@@ -36,6 +40,33 @@ class NodeIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "node_id"):
             record.node_id = self.node_id
+        return True
+
+
+class MalformedRequestFilter(logging.Filter):
+    """Turn aiohttp's ERROR record of a request that did not parse into one DEBUG line.
+
+    Any client can send bytes that are not HTTP, and the node replies 400 to them,
+    so they are no fault of the node. aiohttp 3.14 already logs a bad method as the
+    first request of a connection at DEBUG; a bad header or a line too long comes at
+    ERROR with a traceback. The line keeps the client's address and the parser's reason.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        if not isinstance(error, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        # The first line names the fault, and the lines after it quote the request's bytes.
+        reason = (str(error.message).strip().splitlines() or [type(error).__name__])[0].rstrip(":")
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        record.msg = "rejected a request that did not parse from %s with %d: %s"
+        record.args = (client, error.code, reason)
+        record.exc_info = record.exc_text = None
         return True
 
 
@@ -81,6 +112,7 @@ def make_formatter(log_format: str) -> logging.Formatter:
 
 
 _node_id_filter = NodeIdFilter()
+_malformed_request_filter = MalformedRequestFilter()
 _installed_handler: logging.Handler | None = None
 
 
@@ -106,6 +138,9 @@ def configure_logging(level: str, node_id: str | None = None, log_format: str = 
     handler.addFilter(_node_id_filter)
     root.addHandler(handler)
     _installed_handler = handler
+    server_logger = logging.getLogger(SERVER_LOGGER)
+    if _malformed_request_filter not in server_logger.filters:
+        server_logger.addFilter(_malformed_request_filter)
     set_node_id(node_id)
     _apply_level(numeric_level)
 

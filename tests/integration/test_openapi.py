@@ -141,11 +141,11 @@ def wait_for(condition, timeout_seconds: float, interval_seconds: float = 0.5) -
 
 
 def served_routes(app) -> set[tuple[str, str]]:
-    """Return (method, path) of the app's public routes, without HEAD."""
+    """Return (method, path) of the app's public routes, without HEAD and catch-all routes."""
     routes = set()
     for route in app.router.routes():
         path = route.resource.canonical
-        if route.method == "HEAD" or path.startswith("/internal/"):
+        if route.method in ("HEAD", "*") or path.startswith("/internal/"):
             continue
         routes.add((route.method.lower(), path))
     return routes

@@ -1,5 +1,7 @@
 """The API's error envelope, request ids and request statistics, over real HTTP."""
 
+import asyncio
+import json
 import logging
 import re
 
@@ -327,3 +329,26 @@ async def test_request_logged_at_debug(client, caplog):
     assert "method=GET" in matching[0]
     assert "path=/no/such/route" in matching[0]
     assert "status=404" in matching[0]
+
+
+@pytest.mark.parametrize("target", [b"/proxy/web/", b"example.com:443"])
+async def test_connect_is_not_allowed(client, target):
+    # aiohttp's client always sends CONNECT with an authority target, so the
+    # request goes out over a plain socket.
+    reader, writer = await asyncio.open_connection(client._base_url.host, client._base_url.port)
+    try:
+        writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+
+    assert lines[0].startswith("HTTP/1.1 405 ")
+    assert headers["allow"] == ""
+    envelope = json.loads(body)
+    assert envelope["error"]["code"] == "INVALID_REQUEST"
+    assert envelope["error"]["details"] == {"method": "CONNECT", "allowed_methods": []}
+    assert "/proxy/APP/PATH" in envelope["error"]["message"]
+    assert envelope["request_id"] == headers["x-request-id"]

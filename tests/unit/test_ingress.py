@@ -820,6 +820,21 @@ async def test_proxy_forwards_request_without_token(harness, upstreams):
     assert "Trailer" not in reply_headers
 
 
+async def test_proxy_forwards_any_method(harness, upstreams):
+    proxy = await harness()
+    proxy.deploy([upstreams[0].port])
+
+    for method in ("PROPFIND", "MKCOL", "PURGE"):
+        async with proxy.session.request(method, proxy.url("/proxy/web/dav/x"), data=b"<propfind/>") as response:
+            assert response.status == 200, await response.text()
+            seen = await response.json()
+        assert (seen["method"], seen["path_qs"], seen["body_bytes"]) == (method, "/dav/x", 11)
+    # The app's root path takes them too.
+    async with proxy.session.request("PROPFIND", proxy.url("/proxy/web")) as response:
+        assert response.status == 200
+        assert (await response.json())["method"] == "PROPFIND"
+
+
 async def test_proxy_head_and_expect_continue(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])

@@ -1,5 +1,6 @@
 """Unit tests of voxanode.logs: line format, node id, levels of library loggers."""
 
+import asyncio
 import json
 import logging
 import os
@@ -7,6 +8,7 @@ import re
 import sys
 
 import pytest
+from aiohttp import web
 
 from voxanode.logs import configure_logging, set_log_level, set_node_id
 
@@ -21,7 +23,9 @@ def restore_logging():
     handlers = list(root.handlers)
     root_level = root.level
     levels = {name: logging.getLogger(name).level for name in WATCHED_LOGGERS}
+    server_filters = list(logging.getLogger("aiohttp.server").filters)
     yield
+    logging.getLogger("aiohttp.server").filters[:] = server_filters
     for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
@@ -165,3 +169,50 @@ def test_set_log_level_changes_the_level(capsys):
 def test_configure_logging_rejects_unknown_format():
     with pytest.raises(ValueError):
         configure_logging("INFO", log_format="xml")
+
+
+async def send_raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_unparsable_request_logs_one_debug_line(capsys):
+    async def fail(request: web.Request) -> web.Response:
+        raise RuntimeError("handler fault")
+
+    app = web.Application()
+    app.router.add_get("/fail", fail)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    bad_header = b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n"
+    try:
+        configure_logging("INFO")
+        assert (await send_raw(port, bad_header)).startswith(b"HTTP/1.0 400 ")
+        await asyncio.sleep(0.1)
+        assert capsys.readouterr().err == ""
+
+        configure_logging("DEBUG")
+        await send_raw(port, bad_header)
+        await asyncio.sleep(0.1)
+        lines = [line for line in capsys.readouterr().err.splitlines() if "aiohttp.server" in line]
+        assert len(lines) == 1, lines
+        assert expected_line(
+            "DEBUG", "aiohttp.server", "-",
+            "rejected a request that did not parse from 127.0.0.1 with 400: Invalid header token",
+        ).fullmatch(lines[0])
+
+        # A fault of the server's own code keeps its level and traceback.
+        configure_logging("INFO")
+        assert b" 500 " in (await send_raw(port, b"GET /fail HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        await asyncio.sleep(0.1)
+        err = capsys.readouterr().err
+        assert "ERROR aiohttp.server" in err
+        assert "RuntimeError: handler fault" in err
+    finally:
+        await runner.cleanup()

@@ -46,6 +46,7 @@ CLIENT_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Headers of an aiohttp HTTPException that describe its plain-text body, which the
 # envelope replaces. Every other header, such as Allow on a 405, is kept.
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+CONNECT_METHOD = "CONNECT"
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,18 @@ def _api_error_from_http(
         if name.lower() not in _BODY_HEADERS
     }
 
-    if isinstance(http_error, web.HTTPNotFound):
+    if isinstance(http_error, web.HTTPNotFound) and request.method == CONNECT_METHOD:
+        # aiohttp reads a CONNECT target as an authority, so no route ever matches it.
+        error = ApiError(
+            405,
+            ErrorCode.INVALID_REQUEST,
+            "method CONNECT is not allowed: a node is not a forward proxy."
+            " Send app traffic to /proxy/APP/PATH, or to the ingress port with Host: APP",
+            {"method": request.method, "allowed_methods": []},
+            # An empty Allow: no resource of the node takes CONNECT.
+            headers={"Allow": ""},
+        )
+    elif isinstance(http_error, web.HTTPNotFound):
         error = ApiError(
             404,
             ErrorCode.RESOURCE_NOT_FOUND,

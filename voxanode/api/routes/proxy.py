@@ -3,8 +3,9 @@
 `{app}` is an app's name or id. The rest of the path and the query string go to a
 healthy instance of the app unchanged (see `voxanode.ingress.proxy`). These routes
 need no API token, because they carry the app's own traffic, and count in the
-`ingress` rate limit category. The methods forwarded are those OpenAPI can list: GET,
-HEAD, POST, PUT, PATCH, DELETE, OPTIONS and TRACE; another method gets 405.
+`ingress` rate limit category. Every method is forwarded, as on the ingress port. The
+OpenAPI document lists GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS and TRACE, because
+it can name no others. A catch-all route takes any other method, such as PROPFIND.
 
 The host-routed listener of the `ingress_port` setting serves one catch-all route,
 `HOST_ROUTE_TEMPLATE`, and takes the app from the Host header instead.
@@ -23,7 +24,7 @@ PROXY_APP_PATH = "/proxy/{app}"
 PROXY_PATH = "/proxy/{app}/{path:.*}"
 # The canonical form of PROXY_PATH, as route labels and the OpenAPI document name it.
 PROXY_PATH_TEMPLATE = "/proxy/{app}/{path}"
-# GET routes also serve HEAD.
+# The methods that the OpenAPI document lists. GET routes also serve HEAD.
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
 HOST_ROUTE = "/{ingress_path:.*}"
 HOST_ROUTE_TEMPLATE = "/{ingress_path}"
@@ -42,6 +43,8 @@ def add_routes(app: web.Application) -> None:
                 app.router.add_get(path, proxy)
             else:
                 app.router.add_route(method, path, proxy)
+        # Registered last, so it takes only the methods that the routes above do not.
+        app.router.add_route("*", path, proxy)
     app.on_shutdown.append(close_websockets)
 
 
