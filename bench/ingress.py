@@ -20,6 +20,11 @@ proxy passes on and busybox httpd ignores. busybox httpd closes the connection a
 each reply, so both paths open one TCP connection to the container per request. wrk
 keeps its connections to the node open.
 
+Both paths reach the container through its published port. By default the engine
+serves each published port with a `docker-proxy` process, which then costs CPU per
+connection on both paths; started with `--userland-proxy=false`, it lets the kernel
+forward the port. The report names which of the two the engine does.
+
 The node and wrk are stopped by pid on every exit path that runs Python code (any but
 SIGKILL). The app's containers are removed with `docker rm -f` by the node's label.
 
@@ -46,6 +51,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
+
+import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -149,6 +157,23 @@ def direct_url(status: dict) -> str:
     return f"http://{port['host_ip']}:{port['host_port']}{PAGE_PATH}"
 
 
+def userland_proxy_pid(url: str) -> int | None:
+    """Return the pid of the engine's `docker-proxy` that serves the published port of `url`, or None.
+
+    The engine runs one such process per published port unless it was started with
+    `--userland-proxy=false`, in which case the kernel forwards the port itself.
+    """
+    port = str(urlsplit(url).port)
+    for process in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["name"] != "docker-proxy" or "-host-port" not in cmdline:
+            continue
+        position = cmdline.index("-host-port") + 1
+        if position < len(cmdline) and cmdline[position] == port:
+            return process.info["pid"]
+    return None
+
+
 def check_page(url: str) -> None:
     reply = http_request("GET", url)
     if reply.status != 200 or PAGE_TEXT not in reply.body.decode("utf-8", "replace"):
@@ -226,13 +251,20 @@ def ratio_figures(series: list[Series]) -> dict[str, float]:
     }
 
 
+def engine_proxy_text(userland_proxy: bool) -> str:
+    if userland_proxy:
+        return "published ports served by docker-proxy (the engine's userland proxy)"
+    return "published ports forwarded by the kernel (engine started with --userland-proxy=false)"
+
+
 def print_report(results: dict[str, list[Series]], args: argparse.Namespace,
-                 before: MachineState, after: MachineState) -> None:
+                 before: MachineState, after: MachineState, userland_proxy: bool) -> None:
     print()
     print(f"Ingress benchmark: wrk {args.threads} thread(s), {args.connections} connections, {args.rounds} rounds of "
           f"{args.duration} s per target; {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{platform.machine()}")
     print(f"machine at start: {before.describe()}; at end: {after.describe()}")
+    print(f"engine: {engine_proxy_text(userland_proxy)}")
     header = (f"{'scenario':<10} {'target':<7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'node us/req':>11} "
               f"{'other cores':>11} {'errors':>6}  req/s per round")
     print(header)
@@ -255,11 +287,12 @@ def print_report(results: dict[str, list[Series]], args: argparse.Namespace,
 
 
 def write_json(path: Path, results: dict[str, list[Series]], args: argparse.Namespace,
-               before: MachineState, after: MachineState) -> None:
+               before: MachineState, after: MachineState, userland_proxy: bool) -> None:
     figures = {
         "duration_seconds": args.duration, "connections": args.connections, "threads": args.threads,
         "rounds": args.rounds, "cpus": os.cpu_count(), "python": platform.python_version(),
         "machine_before": asdict(before), "machine_after": asdict(after),
+        "engine_userland_proxy": userland_proxy,
         "scenarios": {
             label: {
                 "targets": [
@@ -301,6 +334,7 @@ def run_bench(args: argparse.Namespace, base_dir: Path, processes: BenchProcesse
     before = MachineState.now()
     print(f"machine: {before.describe()}", flush=True)
     results: dict[str, list[Series]] = {}
+    userland_proxy = False
     for replicas in SCENARIO_REPLICAS:
         if replicas != 1:
             api_json("POST", f"{node.api_url}/apps/add_scale_app/", {"app_id": app_id, "replicas": replicas})
@@ -311,13 +345,16 @@ def run_bench(args: argparse.Namespace, base_dir: Path, processes: BenchProcesse
         ]
         for target in targets:
             check_page(target.url)
+        if replicas == 1:
+            userland_proxy = userland_proxy_pid(targets[1].url) is not None
+            print(f"engine: {engine_proxy_text(userland_proxy)}", flush=True)
         label = f"{replicas} replica" + ("s" if replicas > 1 else "")
         results[label] = measure(targets, label, args, script_path, processes)
     after = MachineState.now()
 
-    print_report(results, args, before, after)
+    print_report(results, args, before, after, userland_proxy)
     if args.json:
-        write_json(args.json, results, args, before, after)
+        write_json(args.json, results, args, before, after, userland_proxy)
     failed = [one for series in results.values() for one in series if one.errors]
     for one in failed:
         print(f"bench: error: {one.errors} failed requests on {one.target.server} {one.target.route}",
