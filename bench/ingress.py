@@ -284,6 +284,10 @@ def print_report(results: dict[str, list[Series]], args: argparse.Namespace,
         verdict = "met" if figures["requests_per_second"] >= THROUGHPUT_RATIO_TARGET else "NOT met"
         print(f"{label:<10} {figures['requests_per_second']:>7.2f} {figures['p50_ms']:>7.2f} "
               f"{figures['p99_ms']:>7.2f}  {verdict}")
+    if userland_proxy:
+        print("note: docker-proxy serves the published ports, and on the proxied path it took more CPU per request")
+        print("than the node in earlier runs; with the engine started with --userland-proxy=false the ratios were")
+        print("higher (bench/RESULTS.md, \"Where the machine's time goes, and the engine's userland proxy\")")
 
 
 def write_json(path: Path, results: dict[str, list[Series]], args: argparse.Namespace,

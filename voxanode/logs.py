@@ -64,8 +64,8 @@ class MalformedRequestFilter(logging.Filter):
         reason = (str(error.message).strip().splitlines() or [type(error).__name__])[0].rstrip(":")
         client = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
         record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
-        record.msg = "rejected a request that did not parse from %s with %d: %s"
-        record.args = (client, error.code, reason)
+        record.msg = "rejected a request that did not parse from %s: %s"
+        record.args = (client, reason)
         record.exc_info = record.exc_text = None
         return True
 

@@ -204,7 +204,7 @@ async def test_unparsable_request_logs_one_debug_line(capsys):
         assert len(lines) == 1, lines
         assert expected_line(
             "DEBUG", "aiohttp.server", "-",
-            "rejected a request that did not parse from 127.0.0.1 with 400: Invalid header token",
+            "rejected a request that did not parse from 127.0.0.1: Invalid header token",
         ).fullmatch(lines[0])
 
         # A fault of the server's own code keeps its level and traceback.
