@@ -26,7 +26,7 @@ NO_NODE_ID = "-"
 CHATTY_LIBRARY_LOGGERS = ("kademlia", "rpcudp")
 # aiohttp's access log repeats the request lines that the API logs itself at DEBUG.
 ACCESS_LOGGER = "aiohttp.access"
-# aiohttp's server logs a request it cannot parse at ERROR, with a traceback.
+# aiohttp's server logs a request it cannot parse with a traceback, mostly at ERROR.
 SERVER_LOGGER = "aiohttp.server"
 
 
@@ -44,16 +44,16 @@ class NodeIdFilter(logging.Filter):
 
 
 class MalformedRequestFilter(logging.Filter):
-    """Turn aiohttp's ERROR record of a request that did not parse into one DEBUG line.
+    """Turn aiohttp's record of a request that did not parse into one DEBUG line.
 
     Any client can send bytes that are not HTTP, and the node replies 400 to them,
-    so they are no fault of the node. aiohttp 3.14 already logs a bad method as the
-    first request of a connection at DEBUG; a bad header or a line too long comes at
-    ERROR with a traceback. The line keeps the client's address and the parser's reason.
+    so they are no fault of the node. aiohttp 3.14 logs a bad method as the first
+    request of a connection at DEBUG, and a bad header or a line too long at ERROR,
+    both with a traceback. The line keeps the client's address and the parser's reason.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not record.exc_info:
+        if not record.exc_info:
             return True
         error = record.exc_info[1]
         if not isinstance(error, HttpProcessingError):

@@ -1867,3 +1867,22 @@ async def test_ingress_port_shares_rate_limit_budget(harness, upstreams):
     assert remaining == "0"
     assert third.status == 429
     assert body["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+
+
+async def test_ingress_port_connect_spends_ingress_budget(harness, upstreams):
+    port = closed_port()
+    proxy = await harness(ingress_port=port, rate_limit_ingress=limits.parse("2/minute"))
+    proxy.deploy([upstreams[0].port])
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        head = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")[0].decode("latin-1")
+    finally:
+        writer.close()
+    async with proxy.session.get(proxy.url("/proxy/web/x")) as second:
+        remaining = second.headers["X-RateLimit-Remaining"]
+
+    assert head.startswith("HTTP/1.1 405 ")
+    assert "X-RateLimit-Limit: 2" in head
+    assert remaining == "0"

@@ -260,6 +260,9 @@ class ApiRateLimiter:
 
 
 RATE_LIMITER_KEY = web.AppKey("rate_limiter", ApiRateLimiter)
+# The category of requests that match no route, when an app sets it: the ingress
+# port's app sets `ingress`, because every request it gets is app traffic.
+UNMATCHED_CATEGORY_KEY = web.AppKey("unmatched_rate_limit_category", RateLimitCategory)
 
 
 def setup_rate_limits(app: web.Application, settings: Settings) -> None:
@@ -351,11 +354,12 @@ def request_category(request: web.Request) -> RateLimitCategory | None:
     """Return the category of the request's route, or None for the unlimited `/internal/`.
 
     The route template decides, so a path that matches no route (404, 405) is in the
-    default category, whatever it starts with.
+    default category, whatever it starts with, unless the app sets another one under
+    `UNMATCHED_CATEGORY_KEY`.
     """
     resource = request.match_info.route.resource
     if resource is None:
-        return RateLimitCategory.DEFAULT
+        return request.app.get(UNMATCHED_CATEGORY_KEY, RateLimitCategory.DEFAULT)
 
     template = resource.canonical
     if template.startswith(INTERNAL_PREFIX):

@@ -225,7 +225,12 @@ class Ingress:
         from voxanode.api.keys import NODE_KEY, STATS_KEY
         from voxanode.api.listen import KEEPALIVE_TIMEOUT_SECONDS, bind_stream_sockets
         from voxanode.api.middlewares import build_api_middleware
-        from voxanode.api.ratelimit import count_request, setup_node_rate_limits
+        from voxanode.api.ratelimit import (
+            UNMATCHED_CATEGORY_KEY,
+            RateLimitCategory,
+            count_request,
+            setup_node_rate_limits,
+        )
         from voxanode.api.routes.proxy import HOST_ROUTE, proxy_by_host
         from voxanode.api.stats import RequestStats
 
@@ -233,6 +238,8 @@ class Ingress:
         app[NODE_KEY] = self.controller.node
         app[STATS_KEY] = RequestStats()
         setup_node_rate_limits(app, self.controller.node)
+        # A request that not even the catch-all route matches (CONNECT) is app traffic too.
+        app[UNMATCHED_CATEGORY_KEY] = RateLimitCategory.INGRESS
         app.router.add_route("*", HOST_ROUTE, proxy_by_host)
         runner = web.AppRunner(
             app,
