@@ -24,8 +24,11 @@ NO_NODE_ID = "-"
 # kademlia 2.2.3 logs lookups, crawls and stored values at INFO, and rpcudp 5.0.1 logs
 # every datagram at DEBUG. Both stay at WARNING unless the level is DEBUG.
 CHATTY_LIBRARY_LOGGERS = ("kademlia", "rpcudp")
-# aiohttp's access log repeats the request lines that the API logs itself at DEBUG.
+# Loggers kept at WARNING at every level. aiohttp's access log repeats the request
+# lines that the API logs itself at DEBUG. urllib3, the Docker SDK's HTTP client,
+# logs each call to the engine at DEBUG, about half of a DEBUG node's lines.
 ACCESS_LOGGER = "aiohttp.access"
+QUIET_LIBRARY_LOGGERS = (ACCESS_LOGGER, "urllib3")
 # aiohttp's server logs a request it cannot parse with a traceback, mostly at ERROR.
 SERVER_LOGGER = "aiohttp.server"
 
@@ -159,7 +162,8 @@ def _apply_level(numeric_level: int) -> None:
     library_level = logging.NOTSET if numeric_level == logging.DEBUG else logging.WARNING
     for name in CHATTY_LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
-    logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def set_node_id(node_id: str | None) -> None:

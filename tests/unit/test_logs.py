@@ -13,7 +13,7 @@ from aiohttp import web
 from voxanode.logs import configure_logging, set_log_level, set_node_id
 
 TIMESTAMP_PATTERN = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
-WATCHED_LOGGERS = ("kademlia", "rpcudp", "aiohttp.access")
+WATCHED_LOGGERS = ("kademlia", "rpcudp", "aiohttp.access", "urllib3")
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +108,7 @@ def test_configure_logging_quiets_libraries(level, library_level):
     assert logging.getLogger("kademlia").level == library_level
     assert logging.getLogger("rpcudp").level == library_level
     assert logging.getLogger("aiohttp.access").level == logging.WARNING
+    assert logging.getLogger("urllib3").level == logging.WARNING
 
 
 def test_library_info_hidden_unless_debug(capsys):
