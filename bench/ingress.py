@@ -21,9 +21,9 @@ each reply, so both paths open one TCP connection to the container per request. 
 keeps its connections to the node open.
 
 Both paths reach the container through its published port. By default the engine
-serves each published port with a `docker-proxy` process, which then costs CPU per
-connection on both paths; started with `--userland-proxy=false`, it lets the kernel
-forward the port. The report names which of the two the engine does.
+serves each published port with a `docker-proxy` process, which costs CPU per
+connection on both paths. An engine started with `--userland-proxy=false` lets the
+kernel forward the port instead. The report names which of the two the engine does.
 
 The node and wrk are stopped by pid on every exit path that runs Python code (any but
 SIGKILL). The app's containers are removed with `docker rm -f` by the node's label.

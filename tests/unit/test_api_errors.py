@@ -333,8 +333,7 @@ async def test_request_logged_at_debug(client, caplog):
 
 @pytest.mark.parametrize("target", [b"/proxy/web/", b"example.com:443"])
 async def test_connect_is_not_allowed(client, target):
-    # aiohttp's client always sends CONNECT with an authority target, so the
-    # request goes out over a plain socket.
+    # A plain socket sends the request target exactly as written.
     reader, writer = await asyncio.open_connection(client._base_url.host, client._base_url.port)
     try:
         writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")

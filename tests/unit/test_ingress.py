@@ -820,7 +820,7 @@ async def test_proxy_forwards_request_without_token(harness, upstreams):
     assert "Trailer" not in reply_headers
 
 
-async def test_proxy_forwards_any_method(harness, upstreams):
+async def test_proxy_forwards_extension_methods(harness, upstreams):
     proxy = await harness()
     proxy.deploy([upstreams[0].port])
 
@@ -1605,14 +1605,17 @@ async def read_reply(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict, by
     return status, headers, await reader.readexactly(int(headers.get("Content-Length", "0")))
 
 
-async def open_raw(proxy: "ProxyHarness") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = proxy.runner.addresses[0][:2]
-    return await asyncio.open_connection(host, port)
+async def open_raw(
+    proxy: "ProxyHarness", port: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to the proxy's API port, or to `port` on the same address."""
+    host, api_port = proxy.runner.addresses[0][:2]
+    return await asyncio.open_connection(host, port or api_port)
 
 
-async def reply_head_for(proxy: "ProxyHarness", request: bytes) -> bytes:
+async def reply_head_for(proxy: "ProxyHarness", request: bytes, port: int | None = None) -> bytes:
     """Send raw request bytes on a new connection and return the reply's header section."""
-    reader, writer = await open_raw(proxy)
+    reader, writer = await open_raw(proxy, port)
     writer.write(request)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
     writer.close()
@@ -1874,12 +1877,8 @@ async def test_ingress_port_connect_spends_ingress_budget(harness, upstreams):
     proxy = await harness(ingress_port=port, rate_limit_ingress=limits.parse("2/minute"))
     proxy.deploy([upstreams[0].port])
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
-        head = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")[0].decode("latin-1")
-    finally:
-        writer.close()
+    request = b"CONNECT example.com:443 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    head = (await reply_head_for(proxy, request, port)).decode("latin-1")
     async with proxy.session.get(proxy.url("/proxy/web/x")) as second:
         remaining = second.headers["X-RateLimit-Remaining"]
 

@@ -3,9 +3,10 @@
 `{app}` is an app's name or id. The rest of the path and the query string go to a
 healthy instance of the app unchanged (see `voxanode.ingress.proxy`). These routes
 need no API token, because they carry the app's own traffic, and count in the
-`ingress` rate limit category. Every method is forwarded, as on the ingress port. The
-OpenAPI document lists GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS and TRACE, because
-it can name no others. A catch-all route takes any other method, such as PROPFIND.
+`ingress` rate limit category. Every method that aiohttp's HTTP parser accepts is
+forwarded, as on the ingress port. The OpenAPI document lists GET, HEAD, POST, PUT,
+PATCH, DELETE, OPTIONS and TRACE, because OpenAPI names no other methods. A catch-all
+route takes the rest, such as PROPFIND.
 
 The host-routed listener of the `ingress_port` setting serves one catch-all route,
 `HOST_ROUTE_TEMPLATE`, and takes the app from the Host header instead.
